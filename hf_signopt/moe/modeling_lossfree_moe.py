@@ -121,6 +121,7 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
     """Mixtral's decoder stack (`MixtralModel.forward`) built from [`LossFreeMoeDecoderLayer`]s."""
 
     def __init__(self, config: LossFreeMoeConfig):
+        config.validate()  # fields may have been edited since the config was built
         PreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
