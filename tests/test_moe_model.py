@@ -190,3 +190,17 @@ def test_task_heads_resolve_and_run(auto_class, model_class, output, shape):
     assert type(model) is model_class and len(routers(model)) == TINY["num_hidden_layers"]
     result = getattr(model(torch.randint(1, 64, (2, 6))), output)
     assert result.shape == shape
+
+
+def test_mixtral_experts_implementation_dispatch_is_kept():
+    model = model_with_random_bias()
+    mixtral = MixtralForCausalLM(MixtralConfig(**TINY))
+    assert model.config._experts_implementation == mixtral.config._experts_implementation
+    ids = torch.randint(1, 64, (2, 7))
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        eager = model(ids).logits
+        for implementation in ("batched_mm", "grouped_mm"):
+            model.set_experts_implementation(implementation)
+            assert model.config._experts_implementation == implementation
+            torch.testing.assert_close(model(ids).logits, eager)

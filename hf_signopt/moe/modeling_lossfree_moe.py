@@ -96,6 +96,10 @@ class LossFreeMoePreTrainedModel(MixtralPreTrainedModel):
     config_class = LossFreeMoeConfig
     _no_split_modules = ["LossFreeMoeDecoderLayer"]
     _keep_in_fp32_modules_strict = [BIAS_NAME]
+    # Our experts are `MixtralExperts`, with its `@use_experts_implementation` dispatch (eager / batched_mm /
+    # grouped_mm). transformers detects that by searching the model's module source for the decorator, which this
+    # module does not contain, so it is declared here.
+    _can_set_experts_implementation_cached_value = True
 
     @torch.no_grad()
     def _init_weights(self, module):
