@@ -82,7 +82,12 @@ def test_each_bad_value_gets_a_clear_error(overrides, expected):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"router_bias_update_rate": "0.1"}, {"router_score_func": 1}, {"norm_topk_prob": "yes"}, {"num_local_experts": 4.0}],
+    [
+        {"router_bias_update_rate": "0.1"},
+        {"router_score_func": 1},
+        {"norm_topk_prob": "yes"},
+        {"num_local_experts": 4.0},
+    ],
 )
 def test_wrong_types_are_rejected(overrides):
     with pytest.raises(StrictDataclassError, match=next(iter(overrides))):

@@ -82,14 +82,20 @@ def test_fresh_model_starts_with_zero_bias():
     assert all(torch.equal(b, torch.zeros(4)) for b in biases(model))
 
 
-@pytest.mark.parametrize("cast", ["to_bf16", "half", "bfloat16_method"])
+CASTS = {
+    "to_bf16": (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+    "to_fp16_kwarg": (lambda m: m.to(dtype=torch.float16), torch.float16),
+    "half": (lambda m: m.half(), torch.float16),
+    "bfloat16": (lambda m: m.bfloat16(), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cast", sorted(CASTS))
 def test_bias_stays_float32_when_the_model_is_cast(cast):
     model = model_with_random_bias()
     before = [b.clone() for b in biases(model)]
-    model = {"to_bf16": lambda m: m.to(torch.bfloat16), "half": lambda m: m.half(), "bfloat16_method": lambda m: m.bfloat16()}[
-        cast
-    ](model)
-    low = torch.float16 if cast == "half" else torch.bfloat16
+    cast_fn, low = CASTS[cast]
+    model = cast_fn(model)
     assert model.lm_head.weight.dtype == low and model.model.layers[0].mlp.gate.weight.dtype == low
     for old, new in zip(before, biases(model)):
         assert new.dtype == torch.float32 and torch.equal(old, new)
@@ -97,6 +103,12 @@ def test_bias_stays_float32_when_the_model_is_cast(cast):
     assert out.dtype == low and torch.isfinite(out).all()
     model.float()
     assert all(torch.equal(old, new) for old, new in zip(before, biases(model)))
+
+
+def test_bias_is_float32_in_a_model_built_in_bf16():
+    model = AutoModelForCausalLM.from_config(LossFreeMoeConfig(**TINY), dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 and torch.equal(b, torch.zeros(4)) for b in biases(model))
 
 
 def test_save_pretrained_round_trips_the_bias_exactly(tmp_path, transformers_logs):
