@@ -216,3 +216,13 @@ def test_mixtral_experts_implementation_dispatch_is_kept():
             model.set_experts_implementation(implementation)
             assert model.config._experts_implementation == implementation
             torch.testing.assert_close(model(ids).logits, eager)
+
+
+def test_lossfree_checkpoint_with_zero_bias_loads_into_mixtral(tmp_path):
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY)).eval()
+    model.save_pretrained(tmp_path)
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(1, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(mixtral(ids).logits, model(ids).logits)
