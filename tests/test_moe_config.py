@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
@@ -132,6 +136,30 @@ def test_save_load_round_trip_and_auto_config(tmp_path):
     for name in ("router_score_func", "router_bias_update_rate", "router_bias_update_rule", "num_local_experts"):
         assert getattr(loaded, name) == getattr(config, name)
     assert isinstance(AutoConfig.for_model("lossfree_moe", **TINY), LossFreeMoeConfig)
+
+
+FRESH_INTERPRETER = """
+from transformers import AutoConfig, AutoModelForCausalLM
+try:
+    AutoConfig.for_model("lossfree_moe")
+    raise SystemExit("lossfree_moe resolved before importing hf_signopt")
+except ValueError:
+    pass
+import hf_signopt
+config = AutoConfig.for_model("lossfree_moe", vocab_size=64, hidden_size=32, intermediate_size=48,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+print(type(config).__name__, type(AutoModelForCausalLM.from_config(config)).__name__)
+"""
+
+
+def test_import_alone_registers_the_model_type():
+    repo_root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_INTERPRETER], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["LossFreeMoeConfig", "LossFreeMoeForCausalLM"]
 
 
 def test_registration_is_idempotent():

@@ -86,6 +86,8 @@ class LossFreeMoeDecoderLayer(MixtralDecoderLayer):
 
     def __init__(self, config: LossFreeMoeConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        # Only the router changes; the block keeps Mixtral's experts and forward. The replaced router held one
+        # uninitialized (num_experts, hidden_size) tensor.
         self.mlp.gate = LossFreeMoeTopKRouter(config)
 
 
