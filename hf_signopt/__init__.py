@@ -6,4 +6,6 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .optim import Lion, SignMomentum, Signum, Simba
+
+__all__ = ["__version__", "Lion", "SignMomentum", "Signum", "Simba"]
