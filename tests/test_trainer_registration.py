@@ -104,7 +104,7 @@ def test_signsgd_builds_signum_without_momentum(tmp_path):
 
 def test_hf_argument_parser(tmp_path):
     parser = HfArgumentParser(TrainingArguments)
-    assert "simba" in parser.format_help() and "signmomentum" in parser.format_help()
+    assert set(NAMES) <= set(parser._option_string_actions["--optim"].choices)  # what --help lists
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--optim", "simba",
          "--optim_args", "window_size=64,threshold=0.2,momentum=ema", "--learning_rate", "0.01"]
@@ -156,5 +156,5 @@ def test_missing_internals_raise_import_error_naming_the_range(monkeypatch):
     import transformers.trainer_optimizer
 
     monkeypatch.delattr(transformers.trainer_optimizer, "_OPTIMIZER_HANDLERS")
-    with pytest.raises(ImportError, match=r"transformers>=5\.23,<6"):
+    with pytest.raises(ImportError, match=r"transformers>=5\.2,<6"):
         register_trainer_optimizer("lion", Lion)

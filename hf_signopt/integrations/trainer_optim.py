@@ -15,6 +15,7 @@ Registration is idempotent: registering the same name again re-points it, never 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,8 +39,8 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_TRANSFORMERS = ">=5.23,<6"
-_TESTED_MIN, _TESTED_BELOW = Version("5.23"), Version("6")
+SUPPORTED_TRANSFORMERS = ">=5.2,<6"
+_TESTED_MIN, _TESTED_BELOW = Version("5.2"), Version("6")
 _WRAPPED_MARKER = "_hf_signopt_original"
 _MEMBER_PREFIX = "HF_SIGNOPT_"
 _REGISTRY: dict[str, TrainerOptimizer] = {}
@@ -88,35 +89,52 @@ class TrainerOptimizer:
 
 
 def _transformers_internals() -> tuple[type[Enum], dict, type]:
-    """Returns `(OptimizerNames, _OPTIMIZER_HANDLERS, Trainer)`, or raises an `ImportError` naming the range."""
+    """Returns `(OptimizerNames, _OPTIMIZER_HANDLERS, Trainer)`, or raises an `ImportError` naming the range.
+
+    Only the absence of the hooked names is reported as an unsupported version; any other import error of
+    transformers (a broken environment) propagates unchanged.
+    """
     import transformers
+    from transformers import Trainer, training_args
 
     found = getattr(transformers, "__version__", "unknown")
     try:
-        from transformers import Trainer
-        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext  # noqa: F401
-        from transformers.training_args import OptimizerNames
-
-        if not (
-            isinstance(_OPTIMIZER_HANDLERS, dict)
-            and issubclass(OptimizerNames, str)
-            and issubclass(OptimizerNames, Enum)
-            and isinstance(Trainer.__dict__.get("get_optimizer_cls_and_kwargs"), staticmethod)
-        ):
-            raise ImportError("unexpected shapes of OptimizerNames, _OPTIMIZER_HANDLERS or Trainer")
-    except ImportError as error:
+        trainer_optimizer = importlib.import_module("transformers.trainer_optimizer")
+    except ModuleNotFoundError as error:
+        if error.name != "transformers.trainer_optimizer":
+            raise
+        trainer_optimizer = None
+    optimizer_names = getattr(training_args, "OptimizerNames", None)
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    missing = [
+        name
+        for name, ok in (
+            ("transformers.trainer_optimizer", trainer_optimizer is not None),
+            ("trainer_optimizer._OPTIMIZER_HANDLERS (a dict)", isinstance(handlers, dict)),
+            ("trainer_optimizer.OptimizerContext", hasattr(trainer_optimizer, "OptimizerContext")),
+            (
+                "training_args.OptimizerNames (a str Enum)",
+                isinstance(optimizer_names, type) and issubclass(optimizer_names, str) and issubclass(optimizer_names, Enum),
+            ),
+            (
+                "Trainer.get_optimizer_cls_and_kwargs (a staticmethod)",
+                isinstance(Trainer.__dict__.get("get_optimizer_cls_and_kwargs"), staticmethod),
+            ),
+        )
+        if not ok
+    ]
+    if missing:
         raise ImportError(
-            f"hf_signopt registers its optimizers through transformers' Trainer internals (OptimizerNames, "
-            f"trainer_optimizer._OPTIMIZER_HANDLERS, Trainer.get_optimizer_cls_and_kwargs), which this "
-            f"transformers {found} does not provide ({error}). Install a supported version: "
+            f"hf_signopt registers its optimizers through transformers' Trainer internals, and transformers "
+            f"{found} lacks {', '.join(missing)}. Install a supported version: "
             f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'."
-        ) from error
+        )
     if not _TESTED_MIN <= Version(found) < _TESTED_BELOW:
         logger.warning(
             f"hf_signopt is tested with transformers{SUPPORTED_TRANSFORMERS}, found {found}; the optimizer "
             "registration hooks exist here but are untested."
         )
-    return OptimizerNames, _OPTIMIZER_HANDLERS, Trainer
+    return optimizer_names, handlers, Trainer
 
 
 def _enum_member(enum_cls: type[Enum], value: str) -> Enum:
