@@ -152,6 +152,22 @@ def test_transformers_names_are_not_taken_over():
     assert _OPTIMIZER_HANDLERS[OptimizerNames.SGD].__module__.startswith("transformers")
 
 
+def test_registration_checks_the_constructor():
+    class NoDecay(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, {"lr": lr})
+
+    with pytest.raises(TypeError, match="NoDecay.__init__ does not accept weight_decay"):
+        register_trainer_optimizer("nodecay", NoDecay)
+    with pytest.raises(TypeError, match="does not accept nesterov"):
+        register_trainer_optimizer("lion_nesterov", Lion, {"nesterov": True})
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer subclass"):
+        register_trainer_optimizer("not_an_optimizer", dict)
+    with pytest.raises(ValueError, match="no spaces or commas"):
+        register_trainer_optimizer("my opt", Lion)
+    assert "nodecay" not in [member.value for member in OptimizerNames]
+
+
 def test_missing_internals_raise_import_error_naming_the_range(monkeypatch):
     import transformers.trainer_optimizer
 

@@ -16,6 +16,8 @@ Registration is idempotent: registering the same name again re-points it, never 
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -63,10 +65,20 @@ class TrainerOptimizer:
     fixed_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or self.name != self.name.strip() or "," in self.name:
-            raise ValueError(f"Optimizer name {self.name!r} must be a non-empty string without spaces or commas.")
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(
+                f"Optimizer name {self.name!r} must be letters, digits, '_', '.' or '-' (no spaces or commas)."
+            )
         if not (isinstance(self.optimizer_cls, type) and issubclass(self.optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {self.optimizer_cls!r}.")
+        accepted = inspect.signature(self.optimizer_cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            unaccepted = [key for key in ("lr", "weight_decay", *self.fixed_kwargs) if key not in accepted]
+            if unaccepted:
+                raise TypeError(
+                    f"{self.optimizer_cls.__name__}.__init__ does not accept {', '.join(unaccepted)}; the Trainer "
+                    "passes lr and weight_decay, and fixed_kwargs must name constructor parameters."
+                )
         object.__setattr__(self, "fixed_kwargs", MappingProxyType(dict(self.fixed_kwargs)))
 
     def optimizer_kwargs(self, learning_rate: float, weight_decay: float, optim_args: str | None) -> dict[str, Any]:
