@@ -38,6 +38,23 @@ class SignOptimizer(torch.optim.Optimizer):
     def _step_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _normalize_state(self, group: dict[str, Any]) -> None:
+        """Bring a group's existing state to the dtypes its hyperparameters need (default: nothing)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, then re-validate the groups and restore the state dtypes.
+
+        `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point
+        parameter to the parameter's dtype; integer state (Simba's sign counts) is cast back here.
+
+        Args:
+            state_dict: A dict returned by `state_dict()`.
+        """
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._validate_group(group)
+            self._normalize_state(group)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its parameters and hyperparameters.
 
