@@ -24,6 +24,14 @@ from . import _cpu_kernels
 Tensors = list[torch.Tensor]
 
 
+def check_fused_supported(param: torch.Tensor) -> None:
+    """Raise ValueError if the fused CPU kernel cannot update `param` (device or dtype)."""
+    if param.device.type != "cpu" or param.dtype not in _cpu_kernels.SUPPORTED_DTYPES:
+        raise ValueError(
+            f"fused=True supports CPU parameters of dtype float32 or bfloat16; got {param.dtype} on {param.device}"
+        )
+
+
 def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> str:
     """Choose the step implementation for tensors that share one device and parameter dtype.
 
