@@ -24,6 +24,14 @@ from . import _cpu_kernels
 Tensors = list[torch.Tensor]
 
 
+def check_fused_supported(param: torch.Tensor) -> None:
+    """Raise ValueError if the fused CPU kernel cannot update `param` (device or dtype)."""
+    if param.device.type != "cpu" or param.dtype not in _cpu_kernels.SUPPORTED_DTYPES:
+        raise ValueError(
+            f"fused=True supports CPU parameters of dtype float32 or bfloat16; got {param.dtype} on {param.device}"
+        )
+
+
 def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> str:
     """Choose the step implementation for tensors that share one device and parameter dtype.
 
@@ -73,11 +81,19 @@ def _finite_masks(grads: Tensors, nonfinite_count: torch.Tensor) -> Tensors:
     return finite
 
 
-def _decay_(params: Tensors, finite: Tensors, lr: float, weight_decay: float) -> None:
-    """p <- p * (1 - lr * wd) where the gradient is finite."""
+def _apply_update_(params: Tensors, finite: Tensors, update: Tensors, lr: float, weight_decay: float) -> None:
+    """p <- p * (1 - lr * wd) - lr * u, skipping weight decay where the gradient is not finite.
+
+    Low-precision parameters are computed in float32 and rounded once, like the fused kernel.
+    """
+    work = [p.float() if p.dtype.itemsize < 4 else p for p in params]
     if weight_decay != 0.0:
         decay = 1.0 - lr * weight_decay
-        torch._foreach_mul_(params, [torch.where(f, decay, 1.0) for f in finite])
+        torch._foreach_mul_(work, [torch.where(f, decay, 1.0) for f in finite])
+    torch._foreach_add_(work, update, alpha=-lr)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)
 
 
 def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonfinite_count):
@@ -86,8 +102,7 @@ def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonf
     g_fill = [torch.where(f, g, m) for f, g, m in zip(finite, grads, exp_avgs)]
     update = torch._foreach_sign(torch._foreach_lerp(exp_avgs, g_fill, 1.0 - beta1))
     torch._foreach_mul_(update, finite)
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _apply_update_(params, finite, update, lr, weight_decay)
     torch._foreach_lerp_(exp_avgs, g_fill, 1.0 - beta2)
 
 
@@ -100,8 +115,7 @@ def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay
         torch._foreach_mul_(update, finite)
     else:
         update = [torch.where(f, g.sign(), 0.0) for f, g in zip(finite, grads)]
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _apply_update_(params, finite, update, lr, weight_decay)
 
 
 def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
@@ -109,8 +123,7 @@ def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weigh
     sign_fill = [torch.where(f, g.sign(), m) for f, g, m in zip(finite, grads, momentum_buffers)]
     torch._foreach_lerp_(momentum_buffers, sign_fill, 1.0 - momentum)
     update = torch._foreach_mul(momentum_buffers, finite)
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _apply_update_(params, finite, update, lr, weight_decay)
 
 
 def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, threshold, weight_decay, beta,
@@ -121,8 +134,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, thres
     trusted = [(s.abs() > count_threshold) & f for s, f in zip(sign_counts, finite)]
     history = exp_avgs if exp_avgs else sign_counts
     update = [torch.where(t, h.sign(), gs) for t, h, gs in zip(trusted, history, grad_signs)]
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    _apply_update_(params, finite, update, lr, weight_decay)
     if exp_avgs:
         g_fill = [torch.where(f, g, m) for f, g, m in zip(finite, grads, exp_avgs)]
         torch._foreach_lerp_(exp_avgs, g_fill, 1.0 - beta)
