@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 
 # transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
 _CHECKPOINTING = next(
-    name for name in ("activation_checkpointing", "gradient_checkpointing") if name in TrainingArguments.__dataclass_fields__
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
 )
 NAMES = {"lion": Lion, "signum": Signum, "signsgd": Signum, "signmomentum": SignMomentum, "simba": Simba}
 SEQ_LEN = 32

@@ -126,7 +126,9 @@ def _transformers_internals() -> tuple[type[Enum], dict, type]:
             ("trainer_optimizer.OptimizerContext", hasattr(trainer_optimizer, "OptimizerContext")),
             (
                 "training_args.OptimizerNames (a str Enum)",
-                isinstance(optimizer_names, type) and issubclass(optimizer_names, str) and issubclass(optimizer_names, Enum),
+                isinstance(optimizer_names, type)
+                and issubclass(optimizer_names, str)
+                and issubclass(optimizer_names, Enum),
             ),
             (
                 "Trainer.get_optimizer_cls_and_kwargs (a staticmethod)",
