@@ -115,6 +115,15 @@ def test_hf_argument_parser(tmp_path):
     assert kwargs == {"lr": 0.01, "weight_decay": 0.0, "window_size": 64, "threshold": 0.2, "momentum": "ema"}
 
 
+def test_hf_argument_parser_rejects_unknown_names_listing_ours(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "simbaa"]
+        )
+    message = capsys.readouterr().err
+    assert "invalid choice: 'simbaa'" in message and all(f"'{name}'" in message for name in NAMES)
+
+
 @pytest.mark.parametrize(
     ("optim_args", "message"),
     [
