@@ -170,6 +170,9 @@ def _enum_member(enum_cls: type[Enum], value: str) -> Enum:
     enum_cls._member_map_[name] = member
     enum_cls._member_names_.append(name)
     enum_cls._value2member_map_[value] = member
+    hashable_values = getattr(enum_cls, "_hashable_values_", None)  # Python >= 3.13: used by `in`
+    if isinstance(hashable_values, list):
+        hashable_values.append(value)
     return member
 
 
