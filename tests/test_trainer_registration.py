@@ -10,7 +10,7 @@ from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 from transformers.training_args import OptimizerNames
 
 import hf_signopt
-from hf_signopt.integrations import register_trainer_optimizer
+from hf_signopt.integrations import get_trainer_optimizer, register_trainer_optimizer
 from hf_signopt.optim import Lion, SignMomentum, Signum, Simba
 
 
@@ -95,6 +95,14 @@ def test_built_optimizer_has_optim_args_and_no_decay_grouping(tmp_path, name, op
         assert group["lr"] == 2e-3
         for key, value in expected.items():
             assert group[key] == value, key
+
+
+def test_registry_entries():
+    assert get_trainer_optimizer("signsgd").optimizer_cls is Signum
+    assert dict(get_trainer_optimizer("signsgd").fixed_kwargs) == {"momentum": 0.0}
+    assert dict(get_trainer_optimizer("simba").fixed_kwargs) == {}
+    with pytest.raises(KeyError, match="No hf_signopt optimizer named 'adamw_torch'; registered: lion, signum"):
+        get_trainer_optimizer("adamw_torch")
 
 
 def test_signsgd_builds_signum_without_momentum(tmp_path):

@@ -7,7 +7,6 @@ from .trainer_optim import (
     TrainerOptimizer,
     get_trainer_optimizer,
     register_trainer_optimizer,
-    registered_trainer_optimizers,
 )
 
 
@@ -21,6 +20,5 @@ __all__ = [
     "parse_optim_args",
     "register_sign_optimizers",
     "register_trainer_optimizer",
-    "registered_trainer_optimizers",
     "split_optim_args",
 ]

@@ -36,7 +36,6 @@ __all__ = [
     "TrainerOptimizer",
     "get_trainer_optimizer",
     "register_trainer_optimizer",
-    "registered_trainer_optimizers",
 ]
 
 logger = logging.get_logger(__name__)
@@ -183,7 +182,7 @@ def _optim_value(optim: Any) -> str:
 
 def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
-    entry = _REGISTRY[_optim_value(ctx.args.optim)]
+    entry = get_trainer_optimizer(_optim_value(ctx.args.optim))
     kwargs = dict(ctx.optimizer_kwargs)
     kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
     return entry.optimizer_cls, kwargs
@@ -253,8 +252,3 @@ def get_trainer_optimizer(name: str) -> TrainerOptimizer:
     if name not in _REGISTRY:
         raise KeyError(f"No hf_signopt optimizer named {name!r}; registered: {', '.join(_REGISTRY) or '(none)'}.")
     return _REGISTRY[name]
-
-
-def registered_trainer_optimizers() -> tuple[str, ...]:
-    """Names registered through `register_trainer_optimizer`, in registration order."""
-    return tuple(_REGISTRY)
