@@ -74,21 +74,40 @@ def new_nonfinite_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of ones in a 0/1 float mask as an int64 scalar tensor (float32 sums are exact to 2**24)."""
+    if mask.numel() <= 2**24:
+        return mask.sum(dtype=torch.float32).to(torch.int64)
+    return torch.count_nonzero(mask)
+
+
 def _clean_grads(grads: Tensors, nonfinite_count: torch.Tensor) -> tuple[Tensors, Tensors]:
-    """Return gradients with non-finite elements zeroed, and 0/1 masks of the finite elements.
+    """Return gradients with non-finite elements zeroed, and 0/1 masks (gradient dtype) of the finite ones.
 
     The number of non-finite elements is added to `nonfinite_count` on its device (no sync).
     """
     clean = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-    finite = [torch.eq(c, g).to(g.dtype) for c, g in zip(clean, grads)]
+    finite = [torch.eq(c, g, out=torch.empty_like(g)) for c, g in zip(clean, grads)]
     total = sum(g.numel() for g in grads)
-    nonfinite_count.add_(total - torch.stack([torch.count_nonzero(f) for f in finite]).sum())
+    nonfinite_count.add_(total - torch.stack([_count(f) for f in finite]).sum())
     return clean, finite
 
 
-def _masked_weights(finite: Tensors, weight: float) -> Tensors:
-    """EMA weights ``weight`` where the gradient is finite, 0 (no change) elsewhere."""
-    return torch._foreach_mul(finite, weight)
+def _masked_lerp_(targets: Tensors, sources: Tensors, finite: Tensors, weight: float) -> None:
+    """targets <- lerp(targets, sources, weight) where the gradient is finite, unchanged elsewhere.
+
+    The 0/1 masks are scaled to 0/weight in place and restored afterwards (exactly: w / w == 1).
+    Low-precision targets are computed in float32 and rounded once, like the fused kernel.
+    """
+    if targets[0].dtype.itemsize < 4:
+        work = [t.float() for t in targets]
+        weights = [f.float().mul_(weight) for f in finite]
+        torch._foreach_lerp_(work, [s.float() for s in sources], weights)
+        torch._foreach_copy_(targets, work)
+        return
+    torch._foreach_mul_(finite, weight)
+    torch._foreach_lerp_(targets, sources, finite)
+    torch._foreach_div_(finite, weight)
 
 
 def _apply_update_(params: Tensors, finite: Tensors, update: Tensors, lr: float, weight_decay: float,
@@ -116,13 +135,13 @@ def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonf
     update = torch._foreach_lerp(exp_avgs, clean, 1.0 - beta1)
     torch._foreach_sign_(update)
     _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
-    torch._foreach_lerp_(exp_avgs, clean, _masked_weights(finite, 1.0 - beta2))
+    _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta2)
 
 
 def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
     clean, finite = _clean_grads(grads, nonfinite_count)
     if momentum_buffers:
-        torch._foreach_lerp_(momentum_buffers, clean, _masked_weights(finite, 1.0 - momentum))
+        _masked_lerp_(momentum_buffers, clean, finite, 1.0 - momentum)
         update = torch._foreach_sign(momentum_buffers)
     else:
         update = torch._foreach_sign(clean)
@@ -131,7 +150,7 @@ def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay
 
 def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
     clean, finite = _clean_grads(grads, nonfinite_count)
-    torch._foreach_lerp_(momentum_buffers, torch._foreach_sign(clean), _masked_weights(finite, 1.0 - momentum))
+    _masked_lerp_(momentum_buffers, torch._foreach_sign(clean), finite, 1.0 - momentum)
     _apply_update_(params, finite, momentum_buffers, lr, weight_decay, update_is_scratch=False)
 
 
@@ -145,7 +164,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, thres
               for s, h, gs in zip(sign_counts, history, grad_signs)]
     _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
     if exp_avgs:
-        torch._foreach_lerp_(exp_avgs, clean, _masked_weights(finite, 1.0 - beta))
+        _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta)
     for s, gs in zip(sign_counts, grad_signs):
         # Saturating s <- clamp(s + sign(g), -w, w); widen first when s + 1 could overflow the dtype.
         if window_size == torch.iinfo(s.dtype).max:
