@@ -51,3 +51,18 @@ def test_kernels_are_built_once_into_the_cache(fresh_kernels, monkeypatch):
     assert all("--version" in call.args[0] for call in run.call_args_list)  # no compile, only the version probe
     assert built[0].stat().st_mtime_ns == stamp
     assert hasattr(library, "hfso_lion_float32")
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(dict(fused=True), id="fused", marks=pytest.mark.skipif(
+        _cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")),
+    pytest.param(dict(foreach=True), id="foreach"),
+])
+def test_step_marks_parameters_modified_for_autograd(path):
+    """Updating a parameter that a pending graph saved must make backward() fail, not silently misbehave."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    loss = (p * p).sum()  # saves p for backward
+    p.grad = torch.ones(2)
+    Simba([p], lr=0.1, **path).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -140,12 +140,14 @@ def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonf
 
 def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
     clean, finite = _clean_grads(grads, nonfinite_count)
-    if momentum_buffers:
-        _masked_lerp_(momentum_buffers, clean, finite, 1.0 - momentum)
-        update = torch._foreach_sign(momentum_buffers)
-    else:
-        update = torch._foreach_sign(clean)
+    _masked_lerp_(momentum_buffers, clean, finite, 1.0 - momentum)
+    update = torch._foreach_sign(momentum_buffers)
     _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
+
+
+def _torch_signsgd(params, grads, *, lr, weight_decay, nonfinite_count):
+    clean, finite = _clean_grads(grads, nonfinite_count)
+    _apply_update_(params, finite, torch._foreach_sign(clean), lr, weight_decay, update_is_scratch=True)
 
 
 def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
@@ -154,7 +156,7 @@ def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weigh
     _apply_update_(params, finite, momentum_buffers, lr, weight_decay, update_is_scratch=False)
 
 
-def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, threshold, weight_decay, beta,
+def _torch_simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, threshold, weight_decay, beta,
                  nonfinite_count):
     clean, finite = _clean_grads(grads, nonfinite_count)
     count_threshold = int(window_size * threshold)
@@ -174,6 +176,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, thres
 
 
 def _run(impl: str, torch_fn: Callable, fused_fn: Callable, lists: tuple[Tensors, ...], **hyper) -> None:
+    """Call the fused kernel, the batched torch function, or the torch function once per tensor."""
     if impl == "fused":
         fused_fn(*lists, **hyper)
     elif impl == "foreach":
@@ -194,14 +197,8 @@ def signum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, l
                 weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
     """Signum: m <- mu*m + (1-mu)*g; p <- p*(1-lr*wd) - lr*sign(m). Empty buffers: signSGD."""
     if not momentum_buffers:
-        hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nonfinite_count=nonfinite_count)
-        if impl == "fused":
-            _cpu_kernels.signsgd(params, grads, **hyper)
-        elif impl == "foreach":
-            _torch_signum(params, grads, [], **hyper)
-        else:
-            for p, g in zip(params, grads):
-                _torch_signum([p], [g], [], **hyper)
+        _run(impl, _torch_signsgd, _cpu_kernels.signsgd, (params, grads), lr=lr, weight_decay=weight_decay,
+             nonfinite_count=nonfinite_count)
         return
     _run(impl, _torch_signum, _cpu_kernels.signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
          weight_decay=weight_decay, nonfinite_count=nonfinite_count)
@@ -223,12 +220,6 @@ def simba_step(params: Tensors, grads: Tensors, sign_counts: Tensors, exp_avgs: 
     ``m`` (the "ema" variant, then ``m <- beta*m + (1-beta)*g``). Finally
     ``s <- clamp(s + sign(g), -w, w)``.
     """
-    hyper = dict(lr=lr, window_size=window_size, threshold=threshold, weight_decay=weight_decay, beta=beta,
-                 nonfinite_count=nonfinite_count)
-    if impl == "fused":
-        _cpu_kernels.simba(params, grads, sign_counts, exp_avgs, **hyper)
-    elif impl == "foreach":
-        _torch_simba(params, grads, sign_counts, exp_avgs, **hyper)
-    else:
-        for i, (p, g, s) in enumerate(zip(params, grads, sign_counts)):
-            _torch_simba([p], [g], [s], [exp_avgs[i]] if exp_avgs else [], **hyper)
+    lists = (params, grads, sign_counts, exp_avgs) if exp_avgs else (params, grads, sign_counts)
+    _run(impl, _torch_simba, _cpu_kernels.simba, lists, lr=lr, window_size=window_size, threshold=threshold,
+         weight_decay=weight_decay, beta=beta, nonfinite_count=nonfinite_count)
