@@ -93,7 +93,7 @@ def test_simba_counts_equals_seed_reference(path):
         ours.step()
         seed.step()
     for i, (p, q) in enumerate(zip(ours_params, seed_params)):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # float32 rounding; a sign flip is >= 1e-3
         counts = ours.state[p]["sign_counts"]
         window = GROUPS[i // 2]["window_size"]
         assert counts.dtype == (torch.int8 if window <= 127 else torch.int16)
