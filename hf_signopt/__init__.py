@@ -6,7 +6,7 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
-# Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
+from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .moe import (
     LossFreeMoeConfig,
@@ -18,11 +18,16 @@ from .moe import (
     LossFreeMoePreTrainedModel,
     LossFreeMoeTopKRouter,
 )
+from .optim import Lion, SignMomentum, Signum, Simba
 
+# `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
+register_sign_optimizers()
+# `AutoConfig` / `AutoModel*` resolve `model_type="lossfree_moe"`.
 register_lossfree_moe()
 
 __all__ = [
     "__version__",
+    "Lion",
     "LossFreeMoeConfig",
     "LossFreeMoeForCausalLM",
     "LossFreeMoeForQuestionAnswering",
@@ -31,5 +36,11 @@ __all__ = [
     "LossFreeMoeModel",
     "LossFreeMoePreTrainedModel",
     "LossFreeMoeTopKRouter",
+    "SIGN_OPTIMIZERS",
+    "SignMomentum",
+    "Signum",
+    "Simba",
     "register_lossfree_moe",
+    "register_sign_optimizers",
+    "register_trainer_optimizer",
 ]
