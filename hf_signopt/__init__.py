@@ -6,4 +6,8 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
+from .moe.balance_callback import LossFreeBalanceCallback  # noqa: E402
+from .moe.balancer import LoadBalanceMetrics, LossFreeBalancer  # noqa: E402
+
 __all__ = ["__version__"]
+__all__ += ["LoadBalanceMetrics", "LossFreeBalanceCallback", "LossFreeBalancer"]
