@@ -6,8 +6,36 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
-from .moe.balance_callback import LossFreeBalanceCallback  # noqa: E402
-from .moe.balancer import LoadBalanceMetrics, LossFreeBalancer  # noqa: E402
+# Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
+from .integrations.auto_lossfree_moe import register_lossfree_moe
+from .moe import (
+    LoadBalanceMetrics,
+    LossFreeBalanceCallback,
+    LossFreeBalancer,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    LossFreeMoeForQuestionAnswering,
+    LossFreeMoeForSequenceClassification,
+    LossFreeMoeForTokenClassification,
+    LossFreeMoeModel,
+    LossFreeMoePreTrainedModel,
+    LossFreeMoeTopKRouter,
+)
 
-__all__ = ["__version__"]
-__all__ += ["LoadBalanceMetrics", "LossFreeBalanceCallback", "LossFreeBalancer"]
+register_lossfree_moe()
+
+__all__ = [
+    "__version__",
+    "LoadBalanceMetrics",
+    "LossFreeBalanceCallback",
+    "LossFreeBalancer",
+    "LossFreeMoeConfig",
+    "LossFreeMoeForCausalLM",
+    "LossFreeMoeForQuestionAnswering",
+    "LossFreeMoeForSequenceClassification",
+    "LossFreeMoeForTokenClassification",
+    "LossFreeMoeModel",
+    "LossFreeMoePreTrainedModel",
+    "LossFreeMoeTopKRouter",
+    "register_lossfree_moe",
+]
