@@ -249,3 +249,12 @@ def test_router_with_wrong_output_is_reported():
     LossFreeBalancer(model)
     with pytest.raises(TypeError, match=r"router 0 \(LogitsOnlyRouter\) must return"):
         model(torch.ones(3, 2))
+
+
+def test_biases_replaced_by_moving_the_model_are_the_ones_updated():
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model)
+    model._apply(torch.clone)  # what `model.to(device)` does to every buffer: new tensor objects
+    model(choices_from_loads([[3, 1, 2, 2], [2, 2, 2, 2]]))
+    balancer.step()
+    assert torch.equal(biases(model)[0], torch.tensor([-U, U, 0.0, 0.0], dtype=torch.float32))

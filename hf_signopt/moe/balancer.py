@@ -215,8 +215,10 @@ class LossFreeBalancer:
         self.process_group = process_group
         self.count_eval_tokens = count_eval_tokens
         self.router_names = tuple(name for name, _ in routers)
-        self._biases = [getattr(module, BIAS_NAME) for _, module in routers]
-        for name, bias in zip(self.router_names, self._biases):
+        # Modules, not tensors: `model.to(...)` replaces buffer tensors, the bias is looked up at each step.
+        self._routers = [module for _, module in routers]
+        biases = [getattr(module, BIAS_NAME) for module in self._routers]
+        for name, bias in zip(self.router_names, biases):
             if bias.dim() != 1:
                 raise ValueError(f"{name}.{BIAS_NAME} must be 1-D (num_experts,), got shape {tuple(bias.shape)}")
             if bias.dtype != torch.float32:
@@ -224,9 +226,9 @@ class LossFreeBalancer:
                     f"{name}.{BIAS_NAME} is {bias.dtype}, not float32: bias steps of {self.update_rate} may be "
                     "lost to rounding. Keep the router bias in float32."
                 )
-        device = self._biases[0].device
-        self.num_experts = torch.tensor([b.numel() for b in self._biases], dtype=torch.int64, device=device)
-        shape = (len(routers), max(b.numel() for b in self._biases))
+        device = biases[0].device
+        self.num_experts = torch.tensor([b.numel() for b in biases], dtype=torch.int64, device=device)
+        shape = (len(routers), max(b.numel() for b in biases))
         self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._active_counts: torch.Tensor | None = None  # where the current forward of `model` counts
@@ -338,7 +340,8 @@ class LossFreeBalancer:
         counts = self._train_counts
         self._reduce(counts)
         increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
-        for layer, bias in enumerate(self._biases):
+        for layer, router in enumerate(self._routers):
+            bias = getattr(router, BIAS_NAME)
             bias.add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
         metrics = LoadBalanceMetrics(self.router_names, counts.clone(), max_violation(counts, self.num_experts))
         counts.zero_()
