@@ -232,3 +232,15 @@ def test_bad_callback_arguments():
         LossFreeBalanceCallback(update_rate=-1)
     with pytest.raises(ValueError, match=r"update_rule must be one of .* got 'SIGN'"):
         LossFreeBalanceCallback(update_rule="SIGN")
+
+
+def test_a_second_trainer_on_the_same_model_takes_over(tmp_path):
+    model = tiny_lossfree()
+    first = LossFreeBalanceCallback()
+    Trainer(model=model, args=training_args(tmp_path / "a"), train_dataset=token_dataset(8), callbacks=[first])
+    second = LossFreeBalanceCallback()
+    trainer = Trainer(model=model, args=training_args(tmp_path / "b", max_steps=1), train_dataset=token_dataset(8),
+                      callbacks=[second])
+    trainer.train()
+    assert first.balancer.tokens_per_expert.sum() == 0  # detached: the first callback no longer counts
+    assert bias_snapshot(model).abs().max() > 0

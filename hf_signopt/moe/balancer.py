@@ -30,7 +30,8 @@ DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 
 # A model may have at most one live balancer: two would count every token twice and update twice.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer] = weakref.WeakKeyDictionary()
+# Weak both ways, so that the registry keeps neither the model nor its balancer alive.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
@@ -61,6 +62,12 @@ def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
     if rule not in UPDATE_RULES:
         raise ValueError(f"{source} must be one of {UPDATE_RULES}, got {rule!r}")
     return rule
+
+
+def attached_balancer(model: nn.Module) -> LossFreeBalancer | None:
+    """The `LossFreeBalancer` currently hooked to `model`, or None."""
+    reference = _ATTACHED.get(model)
+    return None if reference is None else reference()
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -197,7 +204,7 @@ class LossFreeBalancer:
                 "balance. Use a loss-free MoE model (e.g. `LossFreeMoeForCausalLM`) or another MoE family that "
                 "carries this buffer (DeepSeek-V3, GLM-4-MoE, ...)."
             )
-        if model in _ATTACHED:
+        if attached_balancer(model) is not None:
             raise ValueError(
                 f"{type(model).__name__} already has a LossFreeBalancer attached; call `.remove()` on it first "
                 "(two balancers would count every token twice)."
@@ -243,7 +250,7 @@ class LossFreeBalancer:
             module.register_forward_hook(self._make_router_hook(layer, name))
             for layer, (name, module) in enumerate(routers)
         ]
-        _ATTACHED[model] = self
+        _ATTACHED[model] = weakref.ref(self)
 
     @staticmethod
     def _resolve(explicit: Any, config: Any, field: str, argument: str, default: Any) -> Any:
@@ -372,5 +379,5 @@ class LossFreeBalancer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if _ATTACHED.get(self.model) is self:
+        if attached_balancer(self.model) is self:
             del _ATTACHED[self.model]
