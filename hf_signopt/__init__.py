@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .moe import (
+    LoadBalanceMetrics,
+    LossFreeBalanceCallback,
+    LossFreeBalancer,
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     LossFreeMoeForQuestionAnswering,
@@ -28,6 +31,9 @@ register_lossfree_moe()
 __all__ = [
     "__version__",
     "Lion",
+    "LoadBalanceMetrics",
+    "LossFreeBalanceCallback",
+    "LossFreeBalancer",
     "LossFreeMoeConfig",
     "LossFreeMoeForCausalLM",
     "LossFreeMoeForQuestionAnswering",
