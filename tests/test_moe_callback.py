@@ -176,12 +176,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path):
                 control.should_training_stop = True
 
     def run(path, callbacks, resume=None):
-        model = tiny_lossfree(router_bias_update_rate=0.05)
-        if resume is not None:
-            # transformers 5.23's Trainer reloads a checkpoint with a plain load_state_dict, which misses MoE
-            # checkpoints written in the original (per-expert) format (huggingface/transformers#48805); load the
-            # weights the supported way first. The Trainer still restores optimizer, scheduler, RNG and step.
-            model = LossFreeMoeForCausalLM.from_pretrained(resume)
+        model = tiny_lossfree(router_bias_update_rate=0.05)  # the same fresh weights: the checkpoint must replace them
         args = training_args(path, max_steps=6, gradient_accumulation_steps=2, save_strategy="steps", save_steps=3)
         trainer = Trainer(model=model, args=args, train_dataset=token_dataset(40),
                           callbacks=[LossFreeBalanceCallback(), *callbacks])

@@ -4,7 +4,13 @@ The router adds a per-expert bias (`e_score_correction_bias`, float32 whatever t
 scores to choose the top-k experts, and gates the chosen experts with the unbiased scores. Everything else
 (attention, experts with their implementation dispatch, norms, rotary embedding, the causal-LM head and
 Mixtral's auxiliary loss) is Mixtral's own code, reused by subclassing.
+
+`save_pretrained` writes the MoE blocks under Mixtral's Hub names (the conversion mapping registered in
+`hf_signopt.integrations.auto_lossfree_moe`); each decoder layer reads those names back in `load_state_dict` too,
+so `Trainer`'s checkpoint reload (`resume_from_checkpoint`, `load_best_model_at_end`) restores every weight.
 """
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,90 @@ from .configuration_lossfree_moe import LossFreeMoeConfig
 logger = logging.get_logger(__name__)
 
 BIAS_NAME = "e_score_correction_bias"
+
+# Mixtral's Hub checkpoint format: the decoder layer's `mlp` is saved as `block_sparse_moe`, and expert `e` of the
+# fused `experts.gate_up_proj[e]` (gate rows, then up rows) / `experts.down_proj[e]` as `experts.e.w1` (gate),
+# `experts.e.w3` (up) and `experts.e.w2` (down), each an nn.Linear weight.
+_HUB_MOE_BLOCK = "block_sparse_moe."
+_HUB_EXPERT_PROJECTIONS = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+_HUB_EXPERT_KEY = re.compile(r"experts\.(\d+)\.(w[123])\.weight")
+
+
+def _load_hub_moe_weights(
+    layer: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """`load_state_dict` pre-hook of a decoder layer: turns its MoE block's Hub-format keys into the model's own.
+
+    `block_sparse_moe.<name>` becomes `mlp.<name>`, and the per-expert `w1`/`w3`/`w2` weights are fused into
+    `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` as transformers' Mixtral conversion does in
+    `from_pretrained`. A state dict that holds only some of a fused tensor's pieces (one shard of a sharded
+    checkpoint) loads those pieces over the current values, keeps the rest, and lists the absent pieces under their
+    Hub names in `missing_keys`, so the next shard completes the tensor and `strict=True` names what is missing.
+    """
+    hub_prefix = prefix + _HUB_MOE_BLOCK
+    hub_keys = [key for key in state_dict if key.startswith(hub_prefix)]
+    if not hub_keys:
+        return
+    experts = layer.mlp.experts
+    pieces = {}
+    for key in hub_keys:
+        tensor = state_dict.pop(key)
+        name = key[len(hub_prefix) :]
+        match = _HUB_EXPERT_KEY.fullmatch(name)
+        if match is None:
+            target = prefix + "mlp." + name
+            if target in state_dict:
+                error_msgs.append(f"The state dict holds both {key} and {target}, the same weight in two formats.")
+            else:
+                state_dict[target] = tensor
+        elif int(match[1]) >= experts.num_experts:
+            unexpected_keys.append(key)
+        else:
+            pieces[match[2], int(match[1])] = tensor
+
+    for fused_name, projections in _HUB_EXPERT_PROJECTIONS.items():
+        wanted = {(projection, expert): hub_prefix + f"experts.{expert}.{projection}.weight"
+                  for expert in range(experts.num_experts) for projection in projections}
+        present = [piece for piece in wanted if piece in pieces]
+        if not present:
+            continue
+        fused_key = prefix + "mlp.experts." + fused_name
+        current = getattr(experts, fused_name)
+        piece_shape = (current.shape[1] // len(projections), current.shape[2])
+        wrong_shapes = [
+            f"size mismatch for {wanted[piece]}: copying a param with shape {pieces[piece].shape} from checkpoint, "
+            f"the shape in current model is {torch.Size(piece_shape)} (a slice of {fused_key})."
+            for piece in present
+            if pieces[piece].shape != piece_shape
+        ]
+        if fused_key in state_dict:
+            error_msgs.append(f"The state dict holds both {fused_key} and its per-expert pieces ({wanted[present[0]]}).")
+        elif wrong_shapes:
+            error_msgs.extend(wrong_shapes)
+        elif len(present) == len(wanted):
+            state_dict[fused_key] = torch.stack(
+                [torch.cat([pieces[projection, expert] for projection in projections])
+                 for expert in range(experts.num_experts)]
+            )
+        elif current.is_meta:
+            error_msgs.append(
+                f"{fused_key} is on the meta device, so the pieces missing from this state dict cannot be kept: "
+                + ", ".join(key for piece, key in wanted.items() if piece not in pieces)
+            )
+        else:
+            fused = current.detach().clone()
+            for projection, expert in present:
+                row = projections.index(projection) * piece_shape[0]
+                fused[expert, row : row + piece_shape[0]] = pieces[projection, expert]
+            state_dict[fused_key] = fused
+            missing_keys.extend(key for piece, key in wanted.items() if piece not in pieces)
 
 
 class LossFreeMoeTopKRouter(MixtralTopKRouter):
@@ -82,13 +172,18 @@ class LossFreeMoeTopKRouter(MixtralTopKRouter):
 
 
 class LossFreeMoeDecoderLayer(MixtralDecoderLayer):
-    """Mixtral's decoder layer (attention, sparse MoE block, norms) with a [`LossFreeMoeTopKRouter`] as gate."""
+    """Mixtral's decoder layer (attention, sparse MoE block, norms) with a [`LossFreeMoeTopKRouter`] as gate.
+
+    Its `load_state_dict` also accepts the MoE block in Mixtral's Hub format (`block_sparse_moe.experts.N.w1/w2/w3`),
+    the format `save_pretrained` writes, so a plain `model.load_state_dict(checkpoint)` restores every weight.
+    """
 
     def __init__(self, config: LossFreeMoeConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         # Only the router changes; the block keeps Mixtral's experts and forward. The replaced router held one
         # uninitialized (num_experts, hidden_size) tensor.
         self.mlp.gate = LossFreeMoeTopKRouter(config)
+        self.register_load_state_dict_pre_hook(_load_hub_moe_weights)
 
 
 class LossFreeMoePreTrainedModel(MixtralPreTrainedModel):
