@@ -88,18 +88,20 @@ def test_hub_keys_under_a_wrapper_prefix_and_into_the_base_model(tmp_path):
 
 def test_a_state_dict_with_part_of_the_experts_names_the_missing_pieces(tmp_path):
     hub = saved_hub_state(tiny_model(seed=0), tmp_path)
-    dropped = ["model.layers.1.block_sparse_moe.experts.2.w3.weight", "model.layers.0.block_sparse_moe.experts.0.w2.weight"]
+    block0, block1 = "model.layers.0.block_sparse_moe.experts.", "model.layers.1.block_sparse_moe.experts."
+    dropped = [block1 + "2.w3.weight", block0 + "0.w2.weight"]
     partial = {key: tensor for key, tensor in hub.items() if key not in dropped}
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*experts\.0\.w2\.weight.*experts\.2\.w3"):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*experts\.0\.w2\..*experts\.2\.w3"):
         tiny_model(seed=1).load_state_dict(partial)
     target, before = tiny_model(seed=1), tiny_model(seed=1)
     result = target.load_state_dict(partial, strict=False)
     assert sorted(result.missing_keys) == sorted(dropped)
     experts = target.model.layers[1].mlp.experts
     old = before.model.layers[1].mlp.experts.gate_up_proj
-    assert torch.equal(experts.gate_up_proj[2, :INTERMEDIATE], hub["model.layers.1.block_sparse_moe.experts.2.w1.weight"])
+    assert torch.equal(experts.gate_up_proj[2, :INTERMEDIATE], hub[block1 + "2.w1.weight"])
     assert torch.equal(experts.gate_up_proj[2, INTERMEDIATE:], old[2, INTERMEDIATE:])  # kept, not zeroed
-    assert torch.equal(experts.gate_up_proj[3, INTERMEDIATE:], hub["model.layers.1.block_sparse_moe.experts.3.w3.weight"])
+    assert torch.equal(target.model.layers[0].mlp.experts.down_proj[0], before.model.layers[0].mlp.experts.down_proj[0])
+    assert torch.equal(experts.gate_up_proj[3, INTERMEDIATE:], hub[block1 + "3.w3.weight"])
     # the missing piece arrives in a second call (the next shard) and completes the tensor
     second = target.load_state_dict({dropped[0]: hub[dropped[0]]}, strict=False)
     hub_block = "model.layers.1.block_sparse_moe.experts."
@@ -159,3 +161,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
         if name.endswith(("experts.gate_up_proj", "e_score_correction_bias")):
             assert not torch.equal(tensor, last.state_dict()[name]), name  # training moved on after the best
     assert_same_state(model, best)
+
+
+def test_part_of_the_experts_cannot_be_completed_on_the_meta_device(tmp_path):
+    hub = saved_hub_state(tiny_model(seed=0), tmp_path)
+    partial = {key: t for key, t in hub.items() if key != "model.layers.0.block_sparse_moe.experts.3.w1.weight"}
+    with torch.device("meta"):
+        model = LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY))
+    with pytest.raises(RuntimeError, match=r"layers\.0\.mlp\.experts\.gate_up_proj is on the meta .*experts\.3\.w1"):
+        model.load_state_dict(partial, strict=False, assign=True)
+    model.load_state_dict(hub, assign=True)  # complete pieces need no current value
+    assert_same_state(model, tiny_model(seed=0))

@@ -87,41 +87,67 @@ def _load_hub_moe_weights(
             pieces[match[2], int(match[1])] = tensor
 
     for fused_name, projections in _HUB_EXPERT_PROJECTIONS.items():
-        wanted = {(projection, expert): hub_prefix + f"experts.{expert}.{projection}.weight"
-                  for expert in range(experts.num_experts) for projection in projections}
-        present = [piece for piece in wanted if piece in pieces]
-        if not present:
-            continue
-        fused_key = prefix + "mlp.experts." + fused_name
-        current = getattr(experts, fused_name)
-        piece_shape = (current.shape[1] // len(projections), current.shape[2])
-        wrong_shapes = [
-            f"size mismatch for {wanted[piece]}: copying a param with shape {pieces[piece].shape} from checkpoint, "
-            f"the shape in current model is {torch.Size(piece_shape)} (a slice of {fused_key})."
-            for piece in present
-            if pieces[piece].shape != piece_shape
-        ]
-        if fused_key in state_dict:
-            error_msgs.append(f"The state dict holds both {fused_key} and its per-expert pieces ({wanted[present[0]]}).")
-        elif wrong_shapes:
-            error_msgs.extend(wrong_shapes)
-        elif len(present) == len(wanted):
-            state_dict[fused_key] = torch.stack(
-                [torch.cat([pieces[projection, expert] for projection in projections])
-                 for expert in range(experts.num_experts)]
-            )
-        elif current.is_meta:
-            error_msgs.append(
-                f"{fused_key} is on the meta device, so the pieces missing from this state dict cannot be kept: "
-                + ", ".join(key for piece, key in wanted.items() if piece not in pieces)
-            )
-        else:
-            fused = current.detach().clone()
-            for projection, expert in present:
-                row = projections.index(projection) * piece_shape[0]
-                fused[expert, row : row + piece_shape[0]] = pieces[projection, expert]
-            state_dict[fused_key] = fused
-            missing_keys.extend(key for piece, key in wanted.items() if piece not in pieces)
+        _fuse_expert_pieces(
+            experts, fused_name, projections, pieces, hub_prefix, prefix + "mlp.experts.", state_dict, missing_keys,
+            error_msgs,
+        )
+
+
+def _fuse_expert_pieces(
+    experts: nn.Module,
+    fused_name: str,
+    projections: tuple[str, ...],
+    pieces: dict[tuple[str, int], torch.Tensor],
+    hub_prefix: str,
+    experts_prefix: str,
+    state_dict: dict[str, torch.Tensor],
+    missing_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Puts `experts.<fused_name>` into `state_dict`, built from the per-expert `pieces` of the given projections.
+
+    Expert `e` of the fused tensor is its projections' weights stacked along rows, in `projections` order. With
+    every piece present the tensor is built from them alone; with some present it is the current value with those
+    pieces written over, and the absent pieces' Hub names go to `missing_keys`.
+    """
+    wanted = {
+        (projection, expert): hub_prefix + f"experts.{expert}.{projection}.weight"
+        for expert in range(experts.num_experts)
+        for projection in projections
+    }
+    present = [piece for piece in wanted if piece in pieces]
+    if not present:
+        return
+    fused_key = experts_prefix + fused_name
+    current = getattr(experts, fused_name)
+    rows = current.shape[1] // len(projections)
+    wrong_shapes = [
+        f"size mismatch for {wanted[piece]}: copying a param with shape {pieces[piece].shape} from checkpoint, "
+        f"the shape in current model is {torch.Size((rows, current.shape[2]))} (a slice of {fused_key})."
+        for piece in present
+        if pieces[piece].shape != (rows, current.shape[2])
+    ]
+    absent = [key for piece, key in wanted.items() if piece not in pieces]
+    if fused_key in state_dict:
+        error_msgs.append(f"The state dict holds both {fused_key} and its per-expert pieces ({wanted[present[0]]}).")
+    elif wrong_shapes:
+        error_msgs.extend(wrong_shapes)
+    elif not absent:
+        state_dict[fused_key] = torch.stack(
+            [torch.cat([pieces[projection, expert] for projection in projections]) for expert in range(len(current))]
+        )
+    elif current.is_meta:
+        error_msgs.append(
+            f"{fused_key} is on the meta device, so it cannot be completed from its current value; "
+            f"the state dict lacks {', '.join(absent)}."
+        )
+    else:
+        fused = current.detach().clone()
+        for projection, expert in present:
+            start = projections.index(projection) * rows
+            fused[expert, start : start + rows] = pieces[projection, expert]
+        state_dict[fused_key] = fused
+        missing_keys.extend(absent)
 
 
 class LossFreeMoeTopKRouter(MixtralTopKRouter):
