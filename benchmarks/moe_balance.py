@@ -14,10 +14,12 @@ callback's per-step work against `MixtralForCausalLM` holding the same weights, 
 The training loop is a plain PyTorch loop calling the callback's `on_step_end` after each optimizer step (what
 the Trainer does), so that Trainer overhead, the same for both models, does not dilute the ratio.
 The throughput is measured with the callback's rate at 0 (routing identical to Mixtral's: the
-implementation's cost) and at `--update-rate` (the bias moves, so the expert load differs too).
+implementation's cost) and at `--update-rate` (the bias moves, so the expert load differs too), for each
+`--experts-implementation` given (both models always run the same one; default: the one transformers picks).
 
     python benchmarks/moe_balance.py                                 # about 5 minutes on 2 CPU cores
     python benchmarks/moe_balance.py --steps 300 --update-rate 0.01  # about 2 minutes
+    python benchmarks/moe_balance.py --skip-quality --experts-implementation eager batched_mm grouped_mm
 
 The paper's rate u=0.001 needs enough steps for the bias to cross the score gaps between experts: on this
 tiny model 300 steps are not enough (loss-free MaxVio about 0.9x the aux loss's), 1000 are; a shorter run
@@ -39,6 +41,9 @@ from transformers import MixtralConfig, MixtralForCausalLM, TrainerControl, Trai
 from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
 
 CORPUS = Path(__file__).resolve().parent.parent / "hf_signopt" / "data" / "tinyshakespeare.txt"
+# transformers' experts kernels that run on CPU: a loop over the experts that received tokens, one batched
+# matmul over every (token, chosen expert) pair, and torch's grouped matmul over tokens sorted by expert.
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +60,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--throughput-rounds", type=int, default=20, help="interleaved timed blocks per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--experts-implementation", nargs="+", choices=EXPERTS_IMPLEMENTATIONS, default=None,
+        help="experts kernels to time, each for both models (default: transformers' choice for this machine)",
+    )
+    parser.add_argument("--skip-quality", action="store_true", help="only measure the training throughput")
     args = parser.parse_args()
     for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds"):
         if getattr(args, name) < 1:
@@ -138,15 +148,21 @@ def evaluate(model, held_out: torch.Tensor, args: argparse.Namespace) -> tuple[f
 
 
 def throughput_ratio(
-    args: argparse.Namespace, data: list[torch.Tensor], output_dir: str, update_rate: float
-) -> tuple[float, float, float]:
-    """time(Mixtral) / time(LossFree + callback) for the same steps and initial weights, and tokens/s of each.
+    args: argparse.Namespace,
+    data: list[torch.Tensor],
+    output_dir: str,
+    update_rate: float,
+    experts_implementation: str | None,
+) -> tuple[float, float, float, str]:
+    """time(Mixtral) / time(LossFree + callback) for the same steps and initial weights, tokens/s of each, and the
+    experts implementation both ran.
 
     Blocks of steps alternate between the two models; each model's fastest block is its cost with the least
     interference from other processes (shared machines), so the ratio compares the fastest blocks. With
     `update_rate=0` the callback does all its work (counting, reduction, update, metrics) but the routing stays
     Mixtral's, so the ratio is the implementation's cost alone; with a moving bias it also includes the cost
-    of a different expert load (on this tiny CPU model a balanced load was measured about 4% slower).
+    of a different expert load, which depends on the experts kernel. Both models run `experts_implementation`
+    (`None`: transformers' default).
     """
     torch.manual_seed(args.seed)
     mixtral = MixtralForCausalLM(MixtralConfig(**mixtral_sizes(args)))
@@ -154,6 +170,9 @@ def throughput_ratio(
     missing, unexpected = lossfree.load_state_dict(mixtral.state_dict(), strict=False)
     if unexpected or any(not key.endswith("e_score_correction_bias") for key in missing):
         raise RuntimeError(f"weights do not transfer: missing {missing}, unexpected {unexpected}")
+    if experts_implementation is not None:
+        for model in (mixtral, lossfree):
+            model.set_experts_implementation(experts_implementation)
     block = data[: args.throughput_steps]
     for model in (mixtral, lossfree):  # warm-up, on copies so that both start the timed blocks equal
         train(copy.deepcopy(model), block[:2], args, None)
@@ -164,7 +183,8 @@ def throughput_ratio(
         for model, callback_driver, times in order if round_index % 2 == 0 else order[::-1]:
             times.append(train(model, block, args, callback_driver))
     tokens = args.throughput_steps * args.batch_size * args.seq_len
-    return min(mixtral_times) / min(lossfree_times), tokens / min(mixtral_times), tokens / min(lossfree_times)
+    used = lossfree.get_experts_implementation()[""]
+    return min(mixtral_times) / min(lossfree_times), tokens / min(mixtral_times), tokens / min(lossfree_times), used
 
 
 def main() -> None:
@@ -176,9 +196,16 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, scratch: str) -> None:
-    """Train the three ways, print the quality table, then the throughput ratio."""
+    """Train the three ways and print the quality table (unless `--skip-quality`), then the throughput table."""
     train_text, held_out = load_corpus()
     data = batches(train_text, args, args.steps, args.seed + 1)
+    if not args.skip_quality:
+        quality_table(args, data, held_out, scratch)
+    throughput_table(args, data, scratch)
+
+
+def quality_table(args: argparse.Namespace, data: list[torch.Tensor], held_out: torch.Tensor, scratch: str) -> None:
+    """Trains none / aux loss / loss-free from the same weights on `data`; prints eval loss and MaxVio_global."""
     torch.manual_seed(args.seed)
     initial = LossFreeMoeForCausalLM(model_config(args)).state_dict()
     runs = {
@@ -215,13 +242,17 @@ def run(args: argparse.Namespace, scratch: str) -> None:
     print(f"\nloss-free / aux MaxVio_global (mean over layers): {free_vio / aux_vio:.3f} (target <= 0.333); "
           f"eval loss loss-free - aux: {free[0] - aux[0]:+.4f} (target <= 0)")
 
+
+def throughput_table(args: argparse.Namespace, data: list[torch.Tensor], scratch: str) -> None:
+    """Prints the throughput ratio at callback rate 0 and `--update-rate`, per experts implementation."""
     print(f"\ntraining throughput, tokens/s of the fastest of {args.throughput_rounds} interleaved blocks "
-          f"of {args.throughput_steps} steps, same initial weights:")
-    print("| callback rate | MixtralForCausalLM | LossFreeMoeForCausalLM + callback | ratio (target >= 0.97) |")
-    print("|---------------|--------------------|-----------------------------------|------------------------|")
-    for rate in (0.0, args.update_rate):
-        ratio, mixtral_tps, lossfree_tps = throughput_ratio(args, data, scratch, rate)
-        print(f"| {rate:<13g} | {mixtral_tps:18.0f} | {lossfree_tps:33.0f} | {ratio:22.3f} |")
+          f"of {args.throughput_steps} steps, same initial weights, same experts implementation for both models:")
+    print("| experts impl | callback rate | Mixtral tokens/s | LossFree + callback tokens/s | ratio (target >= 0.97) |")
+    print("|--------------|---------------|------------------|------------------------------|------------------------|")
+    for implementation in args.experts_implementation or [None]:
+        for rate in (0.0, args.update_rate):
+            ratio, mixtral_tps, lossfree_tps, used = throughput_ratio(args, data, scratch, rate, implementation)
+            print(f"| {used:<12} | {rate:<13g} | {mixtral_tps:16.0f} | {lossfree_tps:28.0f} | {ratio:22.3f} |")
 
 
 if __name__ == "__main__":
