@@ -6,4 +6,30 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
+from .integrations.auto_lossfree_moe import register_lossfree_moe
+from .moe import (
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    LossFreeMoeForQuestionAnswering,
+    LossFreeMoeForSequenceClassification,
+    LossFreeMoeForTokenClassification,
+    LossFreeMoeModel,
+    LossFreeMoePreTrainedModel,
+    LossFreeMoeTopKRouter,
+)
+
+register_lossfree_moe()
+
+__all__ = [
+    "__version__",
+    "LossFreeMoeConfig",
+    "LossFreeMoeForCausalLM",
+    "LossFreeMoeForQuestionAnswering",
+    "LossFreeMoeForSequenceClassification",
+    "LossFreeMoeForTokenClassification",
+    "LossFreeMoeModel",
+    "LossFreeMoePreTrainedModel",
+    "LossFreeMoeTopKRouter",
+    "register_lossfree_moe",
+]

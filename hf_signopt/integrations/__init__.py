@@ -1,0 +1,1 @@
+"""Glue between hf_signopt and transformers: registrations with the Auto classes and the Trainer."""
