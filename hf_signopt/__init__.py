@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 # Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .moe import (
+    LoadBalanceMetrics,
+    LossFreeBalanceCallback,
+    LossFreeBalancer,
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     LossFreeMoeForQuestionAnswering,
@@ -23,6 +26,9 @@ register_lossfree_moe()
 
 __all__ = [
     "__version__",
+    "LoadBalanceMetrics",
+    "LossFreeBalanceCallback",
+    "LossFreeBalancer",
     "LossFreeMoeConfig",
     "LossFreeMoeForCausalLM",
     "LossFreeMoeForQuestionAnswering",

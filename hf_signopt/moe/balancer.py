@@ -1,0 +1,373 @@
+"""Auxiliary-loss-free load balancing: count the tokens each router sends to each expert, then nudge its bias.
+
+Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"), as used by
+DeepSeek-V3: every router keeps a per-expert bias `e_score_correction_bias` that is added to the routing
+scores only to choose the top-k experts. After each optimizer step the bias moves toward equal load.
+
+`LossFreeBalancer` works with any `torch.nn.Module` whose routers carry that buffer and return
+`(router_logits, top_k_weights, top_k_index)` (ours, DeepSeek-V3, GLM-4-MoE, ...). It needs no Trainer;
+`LossFreeBalanceCallback` wraps it for `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+BIAS_NAME = "e_score_correction_bias"
+UPDATE_RULES = ("sign", "rms", "linear")
+DEFAULT_UPDATE_RATE = 1e-3
+DEFAULT_UPDATE_RULE = "sign"
+
+# A model may have at most one live balancer: two would count every token twice and update twice.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer] = weakref.WeakKeyDictionary()
+
+
+def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
+    """Check a bias update rate and return it as a float.
+
+    Args:
+        rate: The step size `u` of the bias update.
+        source: Name used in the error message.
+
+    Raises:
+        ValueError: If `rate` is not a finite real number >= 0.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"{source} must be a finite number >= 0, got {rate!r}")
+    return float(rate)
+
+
+def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
+    """Check a bias update rule name and return it.
+
+    Args:
+        rule: One of `UPDATE_RULES`.
+        source: Name used in the error message.
+
+    Raises:
+        ValueError: If `rule` is not a known rule name.
+    """
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"{source} must be one of {UPDATE_RULES}, got {rule!r}")
+    return rule
+
+
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return `(qualified_name, module)` for every module of `model` that holds an `e_score_correction_bias`."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, BIAS_NAME, None), torch.Tensor)
+    ]
+
+
+def bias_update(counts: torch.Tensor, num_experts: torch.Tensor, rule: str, rate: float) -> torch.Tensor:
+    """Compute the bias increment of every layer from its expert loads.
+
+    Rows are layers, padded to the widest layer: entries at or beyond `num_experts[layer]` must be 0.
+    A layer that saw no token does not move. With `F` the load fractions and `Q = 1/E` their mean:
+
+    - `"sign"`: `u * sign(mean_load - load_i)` (exactly 0 where the load equals the mean);
+    - `"rms"`: `u * (Q - F) / RMS(Q - F)` (0 when all loads are equal);
+    - `"linear"`: `u * (mean_load - load_i) / mean_load`.
+
+    Args:
+        counts: Integer tokens per expert, shape `(num_layers, max_experts)`.
+        num_experts: Experts per layer, integer tensor of shape `(num_layers,)`.
+        rule: One of `UPDATE_RULES`.
+        rate: Step size `u`.
+
+    Returns:
+        float32 tensor shaped like `counts`, zero in the padding.
+    """
+    num_experts = num_experts.to(counts.device)
+    valid = torch.arange(counts.shape[1], device=counts.device) < num_experts[:, None]
+    total = counts.sum(dim=1, keepdim=True)
+    experts = num_experts[:, None]
+    if rule == "sign":
+        # Integer comparison of E * load_i with the total: exact, so a load equal to the mean gives 0.
+        direction = torch.sign(total - experts * counts).to(torch.float64)
+    else:
+        fractions = counts.to(torch.float64) / total.clamp_min(1)
+        deviation = torch.where(valid, 1.0 / experts - fractions, 0.0)
+        if rule == "rms":
+            rms = (deviation.square().sum(dim=1, keepdim=True) / experts).sqrt()
+            direction = deviation / rms.clamp_min(torch.finfo(torch.float64).tiny)
+        else:
+            direction = deviation * experts
+    direction = torch.where(valid & (total > 0), direction, 0.0)
+    return (rate * direction).to(torch.float32)
+
+
+def max_violation(counts: torch.Tensor, num_experts: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer: `(max_i load_i - mean_load) / mean_load`; NaN for a layer that saw no token.
+
+    Args:
+        counts: Integer tokens per expert, shape `(num_layers, max_experts)`, zero-padded.
+        num_experts: Experts per layer, shape `(num_layers,)`.
+    """
+    total = counts.sum(dim=1).to(torch.float64)
+    mean = total / num_experts.to(device=counts.device, dtype=torch.float64)
+    highest = counts.max(dim=1).values.to(torch.float64)
+    return ((highest - mean) / mean).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class LoadBalanceMetrics:
+    """Load statistics of the routers over the tokens counted since the last reset.
+
+    Attributes:
+        router_names: Qualified module names of the routers, one per layer.
+        tokens_per_expert: Integer counts, shape `(num_layers, max_experts)`, summed over ranks.
+        maxvio: MaxVio per layer, float32 tensor on the counting device (NaN where no token was counted).
+    """
+
+    router_names: tuple[str, ...]
+    tokens_per_expert: torch.Tensor
+    maxvio: torch.Tensor
+
+    def to_dict(self, prefix: str = "moe/") -> dict[str, float]:
+        """Host-side summary: `{prefix}maxvio` (mean over layers) and `{prefix}maxvio_max`. Synchronizes."""
+        mean, highest = torch.stack([self.maxvio.mean(), self.maxvio.max()]).tolist()
+        return {f"{prefix}maxvio": mean, f"{prefix}maxvio_max": highest}
+
+
+class LossFreeBalancer:
+    """Counts routed tokens per expert and applies the loss-free bias update once per optimizer step.
+
+    The balancer hooks every router of `model` that carries an `e_score_correction_bias` buffer and reads
+    the top-k expert indices the router returns. Counting is exact (int64 on the model's device, no host
+    sync). Only forwards of `model` itself count: in training mode with grad enabled for the bias update,
+    in eval mode into separate evaluation counts when `count_eval_tokens=True`. Tokens whose attention
+    mask is 0 (padding) are skipped. Under gradient checkpointing (reentrant or not) the layers are
+    recomputed during backward, after `model`'s forward has returned, so those recomputations are not
+    counted again. The counts live in the balancer, not in module buffers, so DDP never broadcasts them.
+
+    Call `step()` after every optimizer step: it sums the counts of all layers across data-parallel ranks
+    in one collective, updates every bias in place, zeroes the counts and returns the metrics. Every rank
+    then holds the same biases.
+
+    Args:
+        model: The model whose forward is called for training (not a DDP wrapper: its inner module).
+        update_rate: Step size `u`. Defaults to `model.config.router_bias_update_rate` when the config
+            has it, else 0.001 (the paper's value).
+        update_rule: `"sign"`, `"rms"` or `"linear"` (see `bias_update`). Defaults to
+            `model.config.router_bias_update_rule` when present, else `"sign"`.
+        process_group: Data-parallel group for the count reduction; the default group when None.
+        count_eval_tokens: Also count eval-mode forwards, for `eval_metrics()`. They never move the bias.
+
+    Raises:
+        ValueError: If `model` has no router with an `e_score_correction_bias`, a rate or rule is invalid,
+            an explicit argument contradicts the model config, or `model` already has a balancer.
+
+    Example:
+        ```python
+        balancer = LossFreeBalancer(model)
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            metrics = balancer.step()
+        ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        update_rate: float | None = None,
+        update_rule: str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        count_eval_tokens: bool = False,
+    ) -> None:
+        routers = find_routers(model)
+        if not routers:
+            raise ValueError(
+                f"{type(model).__name__} has no router with an `{BIAS_NAME}` buffer, so there is nothing to "
+                "balance. Use a loss-free MoE model (e.g. `LossFreeMoeForCausalLM`) or another MoE family that "
+                "carries this buffer (DeepSeek-V3, GLM-4-MoE, ...)."
+            )
+        if model in _ATTACHED:
+            raise ValueError(
+                f"{type(model).__name__} already has a LossFreeBalancer attached; call `.remove()` on it first "
+                "(two balancers would count every token twice)."
+            )
+        config = getattr(model, "config", None)
+        self.update_rate = validate_update_rate(
+            self._resolve(update_rate, config, "router_bias_update_rate", "update_rate", DEFAULT_UPDATE_RATE),
+            "update_rate",
+        )
+        self.update_rule = validate_update_rule(
+            self._resolve(update_rule, config, "router_bias_update_rule", "update_rule", DEFAULT_UPDATE_RULE),
+            "update_rule",
+        )
+        self.model = model
+        self.process_group = process_group
+        self.count_eval_tokens = count_eval_tokens
+        self.router_names = tuple(name for name, _ in routers)
+        self._biases = [getattr(module, BIAS_NAME) for _, module in routers]
+        for name, bias in zip(self.router_names, self._biases):
+            if bias.dim() != 1:
+                raise ValueError(f"{name}.{BIAS_NAME} must be 1-D (num_experts,), got shape {tuple(bias.shape)}")
+            if bias.dtype != torch.float32:
+                logger.warning(
+                    f"{name}.{BIAS_NAME} is {bias.dtype}, not float32: bias steps of {self.update_rate} may be "
+                    "lost to rounding. Keep the router bias in float32."
+                )
+        device = self._biases[0].device
+        self.num_experts = torch.tensor([b.numel() for b in self._biases], dtype=torch.int64, device=device)
+        shape = (len(routers), max(b.numel() for b in self._biases))
+        self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
+        self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
+        self._active_counts: torch.Tensor | None = None  # where the current forward of `model` counts
+        self._token_mask: torch.Tensor | None = None  # (tokens,) int64 of the current forward, None = all
+        self._mask_position = self._attention_mask_position(model)
+        self._warned_mask_shape = False
+        self._handles = [
+            model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+            model.register_forward_hook(self._end_forward, always_call=True),
+        ]
+        self._handles += [
+            module.register_forward_hook(self._make_router_hook(layer, name))
+            for layer, (name, module) in enumerate(routers)
+        ]
+        _ATTACHED[model] = self
+
+    @staticmethod
+    def _resolve(explicit: Any, config: Any, field: str, argument: str, default: Any) -> Any:
+        configured = getattr(config, field, None)
+        if explicit is not None and configured is not None and explicit != configured:
+            raise ValueError(
+                f"{argument}={explicit!r} contradicts model.config.{field}={configured!r}; set only one of them"
+            )
+        if configured is not None:
+            return configured
+        return default if explicit is None else explicit
+
+    @staticmethod
+    def _attention_mask_position(model: nn.Module) -> int | None:
+        parameters = list(inspect.signature(model.forward).parameters)
+        return parameters.index("attention_mask") if "attention_mask" in parameters else None
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._active_counts = self._train_counts
+        elif not module.training and self.count_eval_tokens:
+            self._active_counts = self._eval_counts
+        else:
+            self._active_counts = None
+            return
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        self._token_mask = mask.reshape(-1).to(torch.int64) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._active_counts = None
+        self._token_mask = None
+
+    def _make_router_hook(self, layer: int, name: str):
+        def count(module: nn.Module, args: tuple, output: Any) -> None:
+            counts = self._active_counts
+            if counts is None:
+                return
+            if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
+                raise TypeError(
+                    f"router {name} ({type(module).__name__}) must return (router_logits, top_k_weights, "
+                    f"top_k_index) for LossFreeBalancer to count its tokens, got {type(output).__name__}"
+                )
+            index = output[2]
+            if index.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"router {name} returned top_k_index of dtype {index.dtype}, expected an integer dtype")
+            if counts.device != index.device:
+                self._move_counts(index.device)
+                counts = self._active_counts
+            index = index.reshape(index.shape[0], -1).to(torch.int64)
+            weight = self._token_weights(index, name)
+            counts[layer].index_add_(0, index.reshape(-1), weight.reshape(-1))
+
+        return count
+
+    def _token_weights(self, index: torch.Tensor, name: str) -> torch.Tensor:
+        mask = self._token_mask
+        if mask is not None and mask.numel() == index.shape[0]:
+            return mask.to(index.device)[:, None].expand_as(index)
+        if mask is not None and not self._warned_mask_shape:
+            self._warned_mask_shape = True
+            logger.warning(
+                f"router {name} saw {index.shape[0]} tokens but the attention mask has {mask.numel()} entries; "
+                "counting every routed token, padding included"
+            )
+        return torch.ones_like(index)
+
+    def _move_counts(self, device: torch.device) -> None:
+        training = self._active_counts is self._train_counts
+        self._train_counts = self._train_counts.to(device)
+        self._eval_counts = self._eval_counts.to(device)
+        self.num_experts = self.num_experts.to(device)
+        self._active_counts = self._train_counts if training else self._eval_counts
+
+    def _reduce(self, counts: torch.Tensor) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """Training counts of this rank since the last `step()`, shape `(num_layers, max_experts)` (a copy)."""
+        return self._train_counts.clone()
+
+    @torch.no_grad()
+    def step(self) -> LoadBalanceMetrics:
+        """Sum the counts across ranks (one collective), update every bias in place, zero the counts.
+
+        Must be called on every rank, after each optimizer step. No host synchronization.
+
+        Returns:
+            The metrics of the tokens counted since the previous call.
+        """
+        counts = self._train_counts
+        self._reduce(counts)
+        increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
+        for layer, bias in enumerate(self._biases):
+            bias.add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
+        metrics = LoadBalanceMetrics(self.router_names, counts.clone(), max_violation(counts, self.num_experts))
+        counts.zero_()
+        return metrics
+
+    def eval_metrics(self, reset: bool = True) -> LoadBalanceMetrics:
+        """MaxVio_global of the eval-mode tokens counted so far, summed across ranks (one collective).
+
+        Requires `count_eval_tokens=True`. Must be called on every rank. Never touches the biases.
+
+        Args:
+            reset: Zero the evaluation counts afterwards.
+        """
+        if not self.count_eval_tokens:
+            raise RuntimeError("eval_metrics() needs LossFreeBalancer(..., count_eval_tokens=True)")
+        counts = self._eval_counts.clone()
+        self._reduce(counts)
+        if reset:
+            self._eval_counts.zero_()
+        return LoadBalanceMetrics(self.router_names, counts, max_violation(counts, self.num_experts))
+
+    def reset_eval_counts(self) -> None:
+        """Forget the eval-mode tokens counted so far."""
+        self._eval_counts.zero_()
+
+    def remove(self) -> None:
+        """Detach the hooks from the model; the balancer stops counting. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
