@@ -6,6 +6,14 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
+from .optim import Lion, SignMomentum, Signum, Simba
+
+# Trainer integration: `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
+from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
+
+
+register_sign_optimizers()
+
 # Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .moe import (
@@ -26,6 +34,7 @@ register_lossfree_moe()
 
 __all__ = [
     "__version__",
+    "Lion",
     "LoadBalanceMetrics",
     "LossFreeBalanceCallback",
     "LossFreeBalancer",
@@ -37,5 +46,11 @@ __all__ = [
     "LossFreeMoeModel",
     "LossFreeMoePreTrainedModel",
     "LossFreeMoeTopKRouter",
+    "SIGN_OPTIMIZERS",
+    "SignMomentum",
+    "Signum",
+    "Simba",
     "register_lossfree_moe",
+    "register_sign_optimizers",
+    "register_trainer_optimizer",
 ]

@@ -1,1 +1,26 @@
-"""Glue between hf_signopt and transformers: registrations with the Auto classes and the Trainer."""
+"""Glue between hf_signopt and transformers: Auto-class registration, `TrainingArguments(optim=...)` and `optim_args`."""
+
+from .optim_args import OptimArg, optim_arg_specs, parse_optim_args, split_optim_args
+from .optim_registry import SIGN_OPTIMIZERS, register_sign_optimizers
+from .trainer_optim import (
+    SUPPORTED_TRANSFORMERS,
+    TrainerOptimizer,
+    get_trainer_optimizer,
+    register_trainer_optimizer,
+    registered_trainer_optimizers,
+)
+
+
+__all__ = [
+    "SIGN_OPTIMIZERS",
+    "SUPPORTED_TRANSFORMERS",
+    "OptimArg",
+    "TrainerOptimizer",
+    "get_trainer_optimizer",
+    "optim_arg_specs",
+    "parse_optim_args",
+    "register_sign_optimizers",
+    "register_trainer_optimizer",
+    "registered_trainer_optimizers",
+    "split_optim_args",
+]

@@ -1,0 +1,225 @@
+"""Registration of optimizer classes as `TrainingArguments(optim=...)` names.
+
+Transformers 5.x dispatches `TrainingArguments.optim` in three places, all of which this module extends:
+
+1. `training_args.OptimizerNames` (an `ExplicitEnum`): `TrainingArguments.__post_init__` converts `optim` to
+   it, and `HfArgumentParser` offers its values as the `--optim` choices. New members are appended.
+2. `trainer_optimizer._OPTIMIZER_HANDLERS`: maps each name to a handler that receives an `OptimizerContext`
+   and returns `(optimizer_cls, optimizer_kwargs)`. `Trainer.create_optimizer` then builds the optimizer
+   on its own parameter groups, so the Trainer's no-decay grouping of biases and norms still applies.
+3. `Trainer.get_optimizer_cls_and_kwargs`: wrapped so that a malformed `optim_args` for one of our names
+   fails with a clear message before transformers' lenient parser sees it. Other names are untouched.
+
+Registration is idempotent: registering the same name again re-points it, never duplicates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from packaging.version import Version
+from transformers.utils import logging
+
+from .optim_args import parse_optim_args, split_optim_args
+
+
+__all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "TrainerOptimizer",
+    "get_trainer_optimizer",
+    "register_trainer_optimizer",
+    "registered_trainer_optimizers",
+]
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_TRANSFORMERS = ">=5.23,<6"
+_TESTED_MIN, _TESTED_BELOW = Version("5.23"), Version("6")
+_WRAPPED_MARKER = "_hf_signopt_original"
+_MEMBER_PREFIX = "HF_SIGNOPT_"
+_REGISTRY: dict[str, TrainerOptimizer] = {}
+
+
+@dataclass(frozen=True)
+class TrainerOptimizer:
+    """An optimizer class registered under a `TrainingArguments.optim` name.
+
+    Args:
+        name: The name users pass as `optim`, e.g. `"simba"`.
+        optimizer_cls: The `torch.optim.Optimizer` subclass to build. Its `__init__` must accept `params`,
+            `lr` and `weight_decay`; its other keyword parameters become the `optim_args` keys.
+        fixed_kwargs: Constructor arguments the name itself fixes (e.g. `{"momentum": 0.0}` for `"signsgd"`);
+            they cannot be overridden through `optim_args`.
+    """
+
+    name: str
+    optimizer_cls: type[torch.optim.Optimizer]
+    fixed_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip() or "," in self.name:
+            raise ValueError(f"Optimizer name {self.name!r} must be a non-empty string without spaces or commas.")
+        if not (isinstance(self.optimizer_cls, type) and issubclass(self.optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {self.optimizer_cls!r}.")
+        object.__setattr__(self, "fixed_kwargs", MappingProxyType(dict(self.fixed_kwargs)))
+
+    def optimizer_kwargs(self, learning_rate: float, weight_decay: float, optim_args: str | None) -> dict[str, Any]:
+        """Keyword arguments (all but `params`) for `optimizer_cls` from the Trainer's arguments.
+
+        Args:
+            learning_rate: `TrainingArguments.learning_rate`.
+            weight_decay: `TrainingArguments.weight_decay` (the Trainer's no-decay group overrides it with 0).
+            optim_args: `TrainingArguments.optim_args`.
+
+        Returns:
+            `lr`, `weight_decay`, the fixed arguments and the typed `optim_args`.
+
+        Raises:
+            ValueError: If `optim_args` is malformed or names an unknown key or a value of the wrong type.
+        """
+        kwargs: dict[str, Any] = {"lr": learning_rate, "weight_decay": weight_decay, **self.fixed_kwargs}
+        kwargs.update(parse_optim_args(optim_args, self.optimizer_cls, self.name, self.fixed_kwargs))
+        return kwargs
+
+
+def _transformers_internals() -> tuple[type[Enum], dict, type]:
+    """Returns `(OptimizerNames, _OPTIMIZER_HANDLERS, Trainer)`, or raises an `ImportError` naming the range."""
+    import transformers
+
+    found = getattr(transformers, "__version__", "unknown")
+    try:
+        from transformers import Trainer
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext  # noqa: F401
+        from transformers.training_args import OptimizerNames
+
+        if not (
+            isinstance(_OPTIMIZER_HANDLERS, dict)
+            and issubclass(OptimizerNames, str)
+            and issubclass(OptimizerNames, Enum)
+            and isinstance(Trainer.__dict__.get("get_optimizer_cls_and_kwargs"), staticmethod)
+        ):
+            raise ImportError("unexpected shapes of OptimizerNames, _OPTIMIZER_HANDLERS or Trainer")
+    except ImportError as error:
+        raise ImportError(
+            f"hf_signopt registers its optimizers through transformers' Trainer internals (OptimizerNames, "
+            f"trainer_optimizer._OPTIMIZER_HANDLERS, Trainer.get_optimizer_cls_and_kwargs), which this "
+            f"transformers {found} does not provide ({error}). Install a supported version: "
+            f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'."
+        ) from error
+    if not _TESTED_MIN <= Version(found) < _TESTED_BELOW:
+        logger.warning(
+            f"hf_signopt is tested with transformers{SUPPORTED_TRANSFORMERS}, found {found}; the optimizer "
+            "registration hooks exist here but are untested."
+        )
+    return OptimizerNames, _OPTIMIZER_HANDLERS, Trainer
+
+
+def _enum_member(enum_cls: type[Enum], value: str) -> Enum:
+    """Returns the member of the `str` enum `enum_cls` with `value`, appending it if missing."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    name = _MEMBER_PREFIX + value.upper().replace("-", "_").replace(".", "_")
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member._sort_order_ = len(enum_cls._member_names_)
+    member.__objclass__ = enum_cls
+    add_member = getattr(enum_cls, "_add_member_", None)  # Python >= 3.13 keeps descriptors consistent
+    if add_member is not None:
+        add_member(name, member)
+    else:
+        setattr(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._member_names_.append(name)
+    enum_cls._value2member_map_[value] = member
+    return member
+
+
+def _optim_value(optim: Any) -> str:
+    """`TrainingArguments.optim` as a plain string (it is an `OptimizerNames` member after `__post_init__`)."""
+    return str(optim.value) if isinstance(optim, Enum) else str(optim)
+
+
+def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
+    entry = _REGISTRY[_optim_value(ctx.args.optim)]
+    kwargs = dict(ctx.optimizer_kwargs)
+    kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
+    return entry.optimizer_cls, kwargs
+
+
+def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
+    """Makes `trainer_cls.get_optimizer_cls_and_kwargs` reject malformed `optim_args` of our names clearly."""
+    current = trainer_cls.__dict__["get_optimizer_cls_and_kwargs"].__func__
+    original = getattr(current, _WRAPPED_MARKER, current)
+
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        if _optim_value(args.optim) in _REGISTRY:
+            split_optim_args(args.optim_args)
+        return original(args, model)
+
+    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
+    get_optimizer_cls_and_kwargs.__wrapped__ = original
+    setattr(get_optimizer_cls_and_kwargs, _WRAPPED_MARKER, original)
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+
+def register_trainer_optimizer(
+    name: str, optimizer_cls: type[torch.optim.Optimizer], fixed_kwargs: Mapping[str, Any] | None = None
+) -> TrainerOptimizer:
+    """Makes `TrainingArguments(optim=name)` (and `--optim name`) build `optimizer_cls` in the `Trainer`.
+
+    `learning_rate` and `weight_decay` come from `TrainingArguments`; the other constructor arguments from
+    `optim_args`, typed after `optimizer_cls.__init__`, with the optimizer's own defaults for unset keys.
+    Registering a name again replaces its entry. A name transformers already defines is refused.
+
+    Args:
+        name: The `optim` name.
+        optimizer_cls: The optimizer class.
+        fixed_kwargs: Constructor arguments fixed by the name (not settable through `optim_args`).
+
+    Returns:
+        The registered entry.
+
+    Raises:
+        ImportError: If the installed transformers lacks the hooks (names the supported range).
+        ValueError: If `name` is one of transformers' own optimizer names.
+    """
+    entry = TrainerOptimizer(name, optimizer_cls, fixed_kwargs or {})
+    optimizer_names, handlers, trainer_cls = _transformers_internals()
+    existing = optimizer_names._value2member_map_.get(name)
+    if existing is not None and not existing.name.startswith(_MEMBER_PREFIX):
+        raise ValueError(f"optim={name!r} is already a transformers optimizer name; choose another name.")
+    member = _enum_member(optimizer_names, name)
+    _REGISTRY[name] = entry
+    handlers[member] = _sign_optimizer_handler
+    _wrap_get_optimizer_cls_and_kwargs(trainer_cls)
+    return entry
+
+
+def get_trainer_optimizer(name: str) -> TrainerOptimizer:
+    """Returns the entry registered under `name`.
+
+    Args:
+        name: The `optim` name.
+
+    Returns:
+        Its `TrainerOptimizer`.
+
+    Raises:
+        KeyError: If nothing is registered under `name` (the message lists the registered names).
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"No hf_signopt optimizer named {name!r}; registered: {', '.join(_REGISTRY) or '(none)'}.")
+    return _REGISTRY[name]
+
+
+def registered_trainer_optimizers() -> tuple[str, ...]:
+    """Names registered through `register_trainer_optimizer`, in registration order."""
+    return tuple(_REGISTRY)
