@@ -43,12 +43,14 @@ class PretrainingRun:
             `step_seconds` (median), `optimizer_state_bytes`, `num_parameters`, `train_runtime`.
         expert_load: Per-layer expert loads on the evaluation set (`measure_expert_load`).
         log_history: The Trainer's log history.
+        routing: Routing and balancing facts of the model (`routing_summary`).
     """
 
     output_dir: Path
     final_metrics: dict[str, Any]
     expert_load: dict[str, Any]
     log_history: list[dict[str, Any]]
+    routing: dict[str, Any]
 
 
 def obtain_tokenizer(
@@ -152,6 +154,7 @@ def run_moe_pretraining(
         "train_runtime": train_result.metrics["train_runtime"],
         "global_step": trainer.state.global_step,
     }
+    routing = routing_summary(model.config, model_args.balancing)
     if trainer.is_world_process_zero():
         write_run_outputs(
             output_dir,
@@ -173,9 +176,9 @@ def run_moe_pretraining(
                 "weight_decay": training_args.weight_decay,
                 "seed": training_args.seed,
             },
-            routing=routing_summary(model.config, model_args.balancing),
+            routing=routing,
             expert_load=expert_load,
             make_plots=recipe_args.make_plots,
             prompt=recipe_args.sample_prompt or "ROMEO:",
         )
-    return PretrainingRun(output_dir, final_metrics, expert_load, list(trainer.state.log_history))
+    return PretrainingRun(output_dir, final_metrics, expert_load, list(trainer.state.log_history), routing)
