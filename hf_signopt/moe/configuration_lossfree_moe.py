@@ -88,7 +88,9 @@ class LossFreeMoeConfig(MixtralConfig):
     def validate_lossfree_router(self):
         """Part of `@strict`-powered validation: the router and bias-balancing fields."""
         if self.router_score_func not in ROUTER_SCORE_FUNCS:
-            raise ValueError(f"`router_score_func` must be one of {ROUTER_SCORE_FUNCS}, got {self.router_score_func!r}.")
+            raise ValueError(
+                f"`router_score_func` must be one of {ROUTER_SCORE_FUNCS}, got {self.router_score_func!r}."
+            )
         if self.router_bias_update_rule not in ROUTER_BIAS_UPDATE_RULES:
             raise ValueError(
                 f"`router_bias_update_rule` must be one of {ROUTER_BIAS_UPDATE_RULES}, "

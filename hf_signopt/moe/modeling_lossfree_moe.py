@@ -86,6 +86,8 @@ class LossFreeMoeDecoderLayer(MixtralDecoderLayer):
 
     def __init__(self, config: LossFreeMoeConfig, layer_idx: int):
         super().__init__(config, layer_idx)
+        # Only the router changes; the block keeps Mixtral's experts and forward. The replaced router held one
+        # uninitialized (num_experts, hidden_size) tensor.
         self.mlp.gate = LossFreeMoeTopKRouter(config)
 
 
@@ -96,6 +98,10 @@ class LossFreeMoePreTrainedModel(MixtralPreTrainedModel):
     config_class = LossFreeMoeConfig
     _no_split_modules = ["LossFreeMoeDecoderLayer"]
     _keep_in_fp32_modules_strict = [BIAS_NAME]
+    # Our experts are `MixtralExperts`, with its `@use_experts_implementation` dispatch (eager / batched_mm /
+    # grouped_mm). transformers detects that by searching the model's module source for the decorator, which this
+    # module does not contain, so it is declared here.
+    _can_set_experts_implementation_cached_value = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -121,6 +127,7 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
     """Mixtral's decoder stack (`MixtralModel.forward`) built from [`LossFreeMoeDecoderLayer`]s."""
 
     def __init__(self, config: LossFreeMoeConfig):
+        config.validate()  # fields may have been edited since the config was built
         PreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
