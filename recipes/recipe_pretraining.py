@@ -119,13 +119,19 @@ def run_moe_pretraining(
     raw = raw if raw is not None else load_raw_datasets(data_args)
     tokenizer = obtain_tokenizer(model_args, raw, data_args, training_args, resume, data_args.block_size)
     blocks = prepare_lm_datasets(raw, data_args, tokenizer, training_args)
-    config = build_moe_config(
-        model_args, len(tokenizer), data_args.block_size,
-        {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-         "pad_token_id": tokenizer.pad_token_id},
-    )
     set_seed(training_args.seed)  # the same initial weights whatever ran before
-    model = AutoModelForCausalLM.from_config(config)
+    if resume is None:
+        config = build_moe_config(
+            model_args, len(tokenizer), data_args.block_size,
+            {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+             "pad_token_id": tokenizer.pad_token_id},
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        # The Trainer reloads a checkpoint with a plain `load_state_dict`, which misses the MoE weights and
+        # router biases that transformers saves in Mixtral's per-expert format; `from_pretrained` converts them.
+        # The Trainer still restores the optimizer, scheduler, RNG and step.
+        model = AutoModelForCausalLM.from_pretrained(resume)
     step_timer = StepTimeCallback()
     trainer = Trainer(
         model=model,
