@@ -13,7 +13,7 @@ Usage:
     python recipes/pretrain_moe.py --max_steps 20 --output_dir /tmp/smoke
     python recipes/pretrain_moe.py recipes/configs/pretrain_moe.yaml --train_file my.txt
     python recipes/pretrain_moe.py --resume_from_checkpoint last    # continue an interrupted run
-    accelerate launch --config_file recipes/accelerate/ddp_cpu.yaml recipes/pretrain_moe.py
+    accelerate launch --config_file recipes/accelerate/ddp_cpu.yaml recipes/pretrain_moe.py --use_cpu true
 """
 
 import sys

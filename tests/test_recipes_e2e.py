@@ -239,3 +239,26 @@ def test_main_job_script_runs_as_a_command(corpus, tmp_path):
     assert "Sample from the saved model:" in result.stdout
     assert isinstance(AutoModelForCausalLM.from_pretrained(output), hf_signopt.LossFreeMoeForCausalLM)
     assert AutoTokenizer.from_pretrained(output).eos_token == "<|endoftext|>"
+
+
+@pytest.mark.multiprocess
+def test_main_job_under_accelerate_launch_with_two_cpu_processes(corpus, tmp_path):
+    """recipes/accelerate/ddp_cpu.yaml: two gloo ranks; every rank measures, only rank 0 writes."""
+    output = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"), str(REPO / "recipes" / "pretrain_moe.py"),
+         "--use_cpu", "true", *corpus, *TINY_MODEL, *TINY_TRAINING, "--max_steps", "3", "--save_strategy", "no",
+         "--eval_strategy", "no", "--router_bias_update_rate", str(BIAS_RATE), "--output_dir", str(output)],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Sample from the saved model:") == 1
+    assert "| processes | 2 |" in (output / "README.md").read_text()
+    metrics = json.loads((output / "metrics.json").read_text())
+    # Both ranks' evaluation tokens are summed: at least the whole validation split is counted.
+    for counts in metrics["expert_load"]["tokens_per_expert"]:
+        assert sum(counts) >= 2 * eval_token_count(output, corpus)
+    assert any(bias.abs().sum() > 0 for bias in biases(output).values())
