@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .balancer import LossFreeBalancer, find_routers, validate_update_rate, validate_update_rule
+from .balancer import LossFreeBalancer, attached_balancer, find_routers, validate_update_rate, validate_update_rule
 
 logger = logging.get_logger(__name__)
+
+# Balancers made by callbacks: a new callback on the same model (a Trainer built again) takes them over.
+_CALLBACK_BALANCERS: weakref.WeakSet[LossFreeBalancer] = weakref.WeakSet()
 
 
 class LossFreeBalanceCallback(TrainerCallback):
@@ -56,9 +61,12 @@ class LossFreeBalanceCallback(TrainerCallback):
             return
         if self.balancer is not None:
             self.balancer.remove()
-        self.balancer = LossFreeBalancer(
-            model, self.update_rate, self.update_rule, count_eval_tokens=True
-        )
+        previous = attached_balancer(model)
+        if previous is not None and previous in _CALLBACK_BALANCERS:
+            logger.warning("LossFreeBalanceCallback: another LossFreeBalanceCallback was balancing this model; taking over")
+            previous.remove()
+        self.balancer = LossFreeBalancer(model, self.update_rate, self.update_rule, count_eval_tokens=True)
+        _CALLBACK_BALANCERS.add(self.balancer)
         self._maxvio_sum = None
         self._steps_since_log = 0
         logger.info(

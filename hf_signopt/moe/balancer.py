@@ -30,7 +30,8 @@ DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 
 # A model may have at most one live balancer: two would count every token twice and update twice.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer] = weakref.WeakKeyDictionary()
+# Weak both ways, so that the registry keeps neither the model nor its balancer alive.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
@@ -61,6 +62,12 @@ def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
     if rule not in UPDATE_RULES:
         raise ValueError(f"{source} must be one of {UPDATE_RULES}, got {rule!r}")
     return rule
+
+
+def attached_balancer(model: nn.Module) -> LossFreeBalancer | None:
+    """The `LossFreeBalancer` currently hooked to `model`, or None."""
+    reference = _ATTACHED.get(model)
+    return None if reference is None else reference()
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -197,7 +204,7 @@ class LossFreeBalancer:
                 "balance. Use a loss-free MoE model (e.g. `LossFreeMoeForCausalLM`) or another MoE family that "
                 "carries this buffer (DeepSeek-V3, GLM-4-MoE, ...)."
             )
-        if model in _ATTACHED:
+        if attached_balancer(model) is not None:
             raise ValueError(
                 f"{type(model).__name__} already has a LossFreeBalancer attached; call `.remove()` on it first "
                 "(two balancers would count every token twice)."
@@ -215,8 +222,10 @@ class LossFreeBalancer:
         self.process_group = process_group
         self.count_eval_tokens = count_eval_tokens
         self.router_names = tuple(name for name, _ in routers)
-        self._biases = [getattr(module, BIAS_NAME) for _, module in routers]
-        for name, bias in zip(self.router_names, self._biases):
+        # Modules, not tensors: `model.to(...)` replaces buffer tensors, the bias is looked up at each step.
+        self._routers = [module for _, module in routers]
+        biases = [getattr(module, BIAS_NAME) for module in self._routers]
+        for name, bias in zip(self.router_names, biases):
             if bias.dim() != 1:
                 raise ValueError(f"{name}.{BIAS_NAME} must be 1-D (num_experts,), got shape {tuple(bias.shape)}")
             if bias.dtype != torch.float32:
@@ -224,9 +233,9 @@ class LossFreeBalancer:
                     f"{name}.{BIAS_NAME} is {bias.dtype}, not float32: bias steps of {self.update_rate} may be "
                     "lost to rounding. Keep the router bias in float32."
                 )
-        device = self._biases[0].device
-        self.num_experts = torch.tensor([b.numel() for b in self._biases], dtype=torch.int64, device=device)
-        shape = (len(routers), max(b.numel() for b in self._biases))
+        device = biases[0].device
+        self.num_experts = torch.tensor([b.numel() for b in biases], dtype=torch.int64, device=device)
+        shape = (len(routers), max(b.numel() for b in biases))
         self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._active_counts: torch.Tensor | None = None  # where the current forward of `model` counts
@@ -241,7 +250,7 @@ class LossFreeBalancer:
             module.register_forward_hook(self._make_router_hook(layer, name))
             for layer, (name, module) in enumerate(routers)
         ]
-        _ATTACHED[model] = self
+        _ATTACHED[model] = weakref.ref(self)
 
     @staticmethod
     def _resolve(explicit: Any, config: Any, field: str, argument: str, default: Any) -> Any:
@@ -338,7 +347,8 @@ class LossFreeBalancer:
         counts = self._train_counts
         self._reduce(counts)
         increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
-        for layer, bias in enumerate(self._biases):
+        for layer, router in enumerate(self._routers):
+            bias = getattr(router, BIAS_NAME)
             bias.add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
         metrics = LoadBalanceMetrics(self.router_names, counts.clone(), max_violation(counts, self.num_experts))
         counts.zero_()
@@ -369,5 +379,5 @@ class LossFreeBalancer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if _ATTACHED.get(self.model) is self:
+        if attached_balancer(self.model) is self:
             del _ATTACHED[self.model]

@@ -1,0 +1,207 @@
+"""Loss-free load balancing vs an auxiliary loss vs nothing, on a tiny MoE trained on Tiny Shakespeare.
+
+Trains the same tiny `LossFreeMoeForCausalLM` (8 experts, top-2, byte tokens) three ways from the same initial
+weights on the same batches:
+
+- `none`: no balancing (the bias stays 0: this is Mixtral);
+- `aux loss`: Mixtral's auxiliary load-balancing loss (coefficient `--aux-coef`, 0.02 as in Mixtral-8x7B's
+  config);
+- `loss-free`: the router bias updated once per optimizer step by `LossFreeBalanceCallback`.
+
+It prints, on held-out text, the eval loss and MaxVio_global per layer ((max expert load - mean) / mean over
+the whole held-out set). Then it measures the training throughput of `LossFreeMoeForCausalLM` plus the
+callback's per-step work against `MixtralForCausalLM` holding the same weights, in interleaved rounds.
+The training loop is a plain PyTorch loop calling the callback's `on_step_end` after each optimizer step (what
+the Trainer does), so that Trainer overhead, the same for both models, does not dilute the ratio.
+
+    python benchmarks/moe_balance.py                 # quick: a few minutes on 2 CPU cores
+    python benchmarks/moe_balance.py --steps 2000    # longer run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+
+CORPUS = Path(__file__).resolve().parent.parent / "hf_signopt" / "data" / "tinyshakespeare.txt"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per training run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--aux-coef", type=float, default=0.02, help="aux-loss coefficient of the baseline")
+    parser.add_argument("--update-rate", type=float, default=0.001, help="bias update rate u of the loss-free run")
+    parser.add_argument("--update-rule", default="sign", choices=["sign", "rms", "linear"])
+    parser.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq-len bytes")
+    parser.add_argument("--throughput-steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--throughput-rounds", type=int, default=6, help="interleaved timed blocks per model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def mixtral_sizes(args: argparse.Namespace) -> dict:
+    return dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=args.seq_len,
+    )
+
+
+def model_config(args: argparse.Namespace, **overrides) -> LossFreeMoeConfig:
+    fields = dict(router_bias_update_rate=args.update_rate, router_bias_update_rule=args.update_rule)
+    fields.update(overrides)
+    return LossFreeMoeConfig(**mixtral_sizes(args), **fields)
+
+
+def load_corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.frombuffer(bytearray(CORPUS.read_bytes()), dtype=torch.uint8).long()
+    split = int(0.9 * data.numel())
+    return data[:split], data[split:]
+
+
+def batches(train: torch.Tensor, args: argparse.Namespace, steps: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, train.numel() - args.seq_len, (steps, args.batch_size), generator=generator)
+    offsets = torch.arange(args.seq_len)
+    return [train[s[:, None] + offsets] for s in starts]
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    warmup = max(1, args.steps // 10)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class CallbackDriver:
+    """Calls a TrainerCallback's events the way Trainer does, for a plain training loop."""
+
+    def __init__(self, callback: LossFreeBalanceCallback, model: torch.nn.Module, output_dir: str):
+        self.callback = callback
+        self.args = TrainingArguments(output_dir=output_dir, report_to=[], use_cpu=True)
+        self.state, self.control = TrainerState(), TrainerControl()
+        callback.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def step_end(self) -> None:
+        self.state.global_step += 1
+        self.callback.on_step_end(self.args, self.state, self.control)
+
+
+def train(model, data: list[torch.Tensor], args: argparse.Namespace, driver: CallbackDriver | None) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(data):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if driver is not None:
+            driver.step_end()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model, held_out: torch.Tensor, args: argparse.Namespace) -> tuple[float, list[float]]:
+    """Eval loss and MaxVio_global per layer over `--eval-windows` consecutive held-out windows."""
+    windows = held_out[: args.eval_windows * args.seq_len].reshape(-1, args.seq_len)
+    meter = LossFreeBalancer(model, count_eval_tokens=True)  # counts eval tokens only; never steps the bias
+    model.eval()
+    losses = [model(input_ids=w, labels=w, output_router_logits=False).loss for w in windows.split(args.batch_size)]
+    meter.remove()
+    metrics = meter.eval_metrics()
+    return torch.stack(losses).mean().item(), metrics.maxvio.tolist()
+
+
+def throughput_ratio(args: argparse.Namespace, data: list[torch.Tensor], output_dir: str) -> tuple[float, float, float]:
+    """Median over rounds of time(Mixtral) / time(LossFree + callback) for the same steps and weights."""
+    torch.manual_seed(args.seed)
+    mixtral = MixtralForCausalLM(MixtralConfig(**mixtral_sizes(args)))
+    lossfree = LossFreeMoeForCausalLM(model_config(args))
+    missing, unexpected = lossfree.load_state_dict(mixtral.state_dict(), strict=False)
+    if unexpected or any(not key.endswith("e_score_correction_bias") for key in missing):
+        raise RuntimeError(f"weights do not transfer: missing {missing}, unexpected {unexpected}")
+    driver = CallbackDriver(LossFreeBalanceCallback(), lossfree, output_dir)
+    block = data[: args.throughput_steps]
+    train(copy.deepcopy(mixtral), block[:2], args, None)  # warm-up of both code paths
+    ratios, mixtral_times, lossfree_times = [], [], []
+    for round_index in range(args.throughput_rounds):
+        order = [("mixtral", None), ("lossfree", driver)]
+        timings = {}
+        for name, drv in order if round_index % 2 == 0 else order[::-1]:
+            timings[name] = train(mixtral if name == "mixtral" else lossfree, block, args, drv)
+        mixtral_times.append(timings["mixtral"])
+        lossfree_times.append(timings["lossfree"])
+        ratios.append(timings["mixtral"] / timings["lossfree"])
+    tokens = args.throughput_steps * args.batch_size * args.seq_len
+    return statistics.median(ratios), tokens / statistics.median(mixtral_times), tokens / statistics.median(
+        lossfree_times
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    train_text, held_out = load_corpus()
+    data = batches(train_text, args, args.steps, args.seed + 1)
+    torch.manual_seed(args.seed)
+    initial = LossFreeMoeForCausalLM(model_config(args)).state_dict()
+    runs = {
+        "none": (model_config(args), False),
+        f"aux loss {args.aux_coef:g}": (model_config(args, router_aux_loss_coef=args.aux_coef, output_router_logits=True), False),
+        f"loss-free {args.update_rule} u={args.update_rate:g}": (model_config(args), True),
+    }
+    print(f"tiny MoE: 8 experts top-2, 2 layers, d=64; {args.steps} steps x {args.batch_size} x {args.seq_len} "
+          f"bytes; eval on {args.eval_windows} held-out windows")
+    results = {}
+    for name, (config, balanced) in runs.items():
+        model = LossFreeMoeForCausalLM(config)
+        model.load_state_dict(initial)
+        driver = None
+        if balanced:
+            driver = CallbackDriver(LossFreeBalanceCallback(), model, "/tmp/moe_balance_benchmark")
+        seconds = train(model, data, args, driver)
+        if driver is not None:
+            driver.callback.balancer.remove()
+        results[name] = (*evaluate(model, held_out, args), seconds)
+
+    layers = len(next(iter(results.values()))[1])
+    header = f"| {'method':<24} | eval loss | " + " | ".join(f"MaxVio L{i}" for i in range(layers))
+    print("\n" + header + " | MaxVio mean | train s |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in header.strip("| ").split(" | ")) + "|-------------|---------|")
+    for name, (loss, maxvio, seconds) in results.items():
+        cells = " | ".join(f"{v:9.3f}" for v in maxvio)
+        print(f"| {name:<24} | {loss:9.4f} | {cells} | {sum(maxvio) / layers:11.3f} | {seconds:7.1f} |")
+    (aux_name, aux), (free_name, free) = list(results.items())[1:]
+    aux_vio, free_vio = sum(aux[1]) / layers, sum(free[1]) / layers
+    print(f"\nloss-free / aux MaxVio_global (mean over layers): {free_vio / aux_vio:.3f} (target <= 0.333); "
+          f"eval loss loss-free - aux: {free[0] - aux[0]:+.4f} (target <= 0)")
+
+    ratio, mixtral_tps, lossfree_tps = throughput_ratio(args, data, "/tmp/moe_balance_benchmark")
+    print(f"\ntraining throughput, median of {args.throughput_rounds} interleaved blocks of {args.throughput_steps} steps:")
+    print(f"  MixtralForCausalLM               {mixtral_tps:10.0f} tokens/s")
+    print(f"  LossFreeMoeForCausalLM + callback {lossfree_tps:9.0f} tokens/s")
+    print(f"  ratio (loss-free / Mixtral): {ratio:.3f} (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""LossFreeBalancer: token counting, update rules, MaxVio, gradient checkpointing, misuse."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_signopt import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+
+U = 0.001
+
+
+class ScriptedRouter(nn.Module):
+    """Router whose top-k choice is read from its input: `hidden[..., :k]` holds the expert indices."""
+
+    def __init__(self, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def forward(self, hidden):
+        index = hidden.reshape(-1, hidden.shape[-1])[:, : self.top_k].long()
+        weights = torch.full(index.shape, 1.0 / self.top_k)
+        return torch.zeros(index.shape[0], self.e_score_correction_bias.numel()), weights, index
+
+
+class ScriptedMoe(nn.Module):
+    """Two routed layers; input `choices` of shape (batch, seq, layers, top_k) scripts every routing decision."""
+
+    def __init__(self, num_experts=(4, 4), top_k=2):
+        super().__init__()
+        self.routers = nn.ModuleList(ScriptedRouter(e, top_k) for e in num_experts)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, choices, attention_mask=None):
+        out = self.scale * 0.0
+        for layer, router in enumerate(self.routers):
+            _, weights, _ = router(choices[:, :, layer, :])
+            out = out + (weights * self.scale).sum()
+        return out
+
+
+def choices_from_loads(loads_per_layer, top_k=2):
+    """Token choices (1, tokens, layers, top_k) that give each layer exactly the wanted loads."""
+    rows = []
+    for loads in loads_per_layer:
+        slots = [expert for expert, load in enumerate(loads) for _ in range(load)]
+        assert len(slots) % top_k == 0
+        rows.append(torch.tensor(slots).reshape(-1, top_k))
+    assert len({r.shape[0] for r in rows}) == 1
+    return torch.stack(rows, dim=1)[None].float()
+
+
+def biases(model):
+    return [r.e_score_correction_bias.clone() for r in model.routers]
+
+
+def tiny_lossfree(**overrides):
+    fields = dict(
+        vocab_size=48, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    fields.update(overrides)
+    torch.manual_seed(0)
+    return LossFreeMoeForCausalLM(LossFreeMoeConfig(**fields))
+
+
+def test_sign_rule_moves_every_bias_by_exactly_u():
+    model = ScriptedMoe()
+    loads = [[5, 1, 3, 3], [0, 4, 4, 4]]  # means 3 and 3: equal loads must not move
+    balancer = LossFreeBalancer(model, update_rate=U, update_rule="sign")
+    model(choices_from_loads(loads)).backward()
+    balancer.step()
+    for bias, layer_loads in zip(biases(model), loads):
+        mean = sum(layer_loads) / len(layer_loads)
+        expected = [U * ((mean > x) - (mean < x)) for x in layer_loads]
+        assert torch.equal(bias, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_counts_accumulate_over_micro_batches_until_step():
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model)
+    model(choices_from_loads([[2, 0, 0, 0], [0, 0, 0, 2]])).backward()
+    model(choices_from_loads([[0, 1, 1, 0], [0, 0, 0, 2]])).backward()
+    assert balancer.tokens_per_expert.tolist() == [[2, 1, 1, 0], [0, 0, 0, 4]]
+    assert all(torch.count_nonzero(b) == 0 for b in biases(model))  # counting alone never moves the bias
+    metrics = balancer.step()
+    assert metrics.tokens_per_expert.tolist() == [[2, 1, 1, 0], [0, 0, 0, 4]]
+    assert balancer.tokens_per_expert.sum() == 0
+
+
+@pytest.mark.parametrize("rule", ["rms", "linear"])
+def test_rms_and_linear_rules_match_their_formulas(rule):
+    model = ScriptedMoe(num_experts=(4, 6))
+    loads = [[7, 1, 2, 2], [1, 2, 3, 4, 0, 2]]
+    balancer = LossFreeBalancer(model, update_rate=0.01, update_rule=rule)
+    top = choices_from_loads([loads[0]])
+    bottom = choices_from_loads([loads[1]])
+    model(torch.cat([top, bottom], dim=2)).backward()
+    balancer.step()
+    for bias, layer_loads in zip(biases(model), loads):
+        n = len(layer_loads)
+        total = sum(layer_loads)
+        if rule == "rms":
+            f = [x / total for x in layer_loads]
+            q = 1.0 / n
+            rms = math.sqrt(sum((fi - q) ** 2 for fi in f) / n)
+            expected = [0.01 * (q - fi) / rms for fi in f]
+        else:
+            mean = total / n
+            expected = [0.01 * (mean - x) / mean for x in layer_loads]
+        assert bias.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["sign", "rms", "linear"])
+def test_balanced_or_empty_layers_do_not_move(rule):
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model, update_rule=rule)
+    model(choices_from_loads([[2, 2, 2, 2], [2, 2, 2, 2]])).backward()
+    balancer.step()
+    metrics = balancer.step()  # nothing counted since the last step
+    assert all(torch.count_nonzero(b) == 0 for b in biases(model))
+    assert torch.isnan(metrics.maxvio).all()
+
+
+def test_maxvio_per_layer_and_summary():
+    model = ScriptedMoe(num_experts=(4, 6))
+    balancer = LossFreeBalancer(model)
+    model(torch.cat([choices_from_loads([[5, 1, 3, 3]]), choices_from_loads([[6, 0, 0, 0, 3, 3]])], dim=2))
+    metrics = balancer.step()
+    expected = [(5 - 3) / 3, (6 - 2) / 2]
+    assert metrics.maxvio.tolist() == pytest.approx(expected)
+    assert metrics.router_names == ("routers.0", "routers.1")
+    summary = metrics.to_dict()
+    assert summary["moe/maxvio"] == pytest.approx(sum(expected) / 2)
+    assert summary["moe/maxvio_max"] == pytest.approx(max(expected))
+
+
+@pytest.mark.parametrize("as_keyword", [True, False])
+def test_padding_tokens_are_not_counted(as_keyword):
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model)
+    choices = torch.zeros(2, 3, 2, 2)
+    choices[..., 1] = 1
+    choices[1, 2] = torch.tensor([2.0, 3.0])  # only the padded token goes to experts 2 and 3
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    model(choices, attention_mask=mask) if as_keyword else model(choices, mask)
+    assert balancer.tokens_per_expert.tolist() == [[5, 5, 0, 0], [5, 5, 0, 0]]
+
+
+def test_only_training_forwards_with_grad_count_and_eval_counts_are_separate():
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model, count_eval_tokens=True)
+    batch = choices_from_loads([[1, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        model(batch)  # training mode, grad disabled: not counted anywhere
+    model.eval()
+    model(choices_from_loads([[4, 0, 0, 0], [0, 4, 0, 0]]))
+    assert balancer.tokens_per_expert.sum() == 0
+    model.train()
+    model(batch)
+    eval_metrics = balancer.eval_metrics()
+    assert eval_metrics.tokens_per_expert.tolist() == [[4, 0, 0, 0], [0, 4, 0, 0]]
+    assert eval_metrics.maxvio.tolist() == pytest.approx([3.0, 3.0])
+    assert balancer.eval_metrics().tokens_per_expert.sum() == 0  # reset
+    assert all(torch.count_nonzero(b) == 0 for b in biases(model))
+    assert balancer.tokens_per_expert.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_counts_match_the_routers_own_choices_in_a_real_model():
+    model = tiny_lossfree()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    balancer = LossFreeBalancer(model)
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2].detach().clone()))
+    input_ids = torch.randint(0, 48, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss.backward()
+    keep = mask.reshape(-1).bool()
+    expected = torch.stack([torch.bincount(index[keep].reshape(-1), minlength=8) for index in seen])
+    assert torch.equal(balancer.tokens_per_expert, expected)
+    assert balancer.tokens_per_expert.sum(dim=1).tolist() == [19 * 2, 19 * 2]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_counts_each_token_once(use_reentrant):
+    model = tiny_lossfree(router_bias_update_rate=0.0)  # the same routing in both passes
+    balancer = LossFreeBalancer(model)
+    input_ids = torch.randint(0, 48, (2, 9))
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    plain = balancer.tokens_per_expert
+    balancer.step()
+    recomputed = []
+    for layer in model.model.layers:  # records every router call, recomputations included
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: recomputed.append(1))
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert len(recomputed) == 4  # the layers did run twice each
+    assert torch.equal(balancer.tokens_per_expert, plain)
+    assert plain.sum() == 2 * 2 * 9 * 2
+
+
+def test_defaults_come_from_the_model_config():
+    model = tiny_lossfree(router_bias_update_rate=0.004, router_bias_update_rule="linear")
+    balancer = LossFreeBalancer(model)
+    assert (balancer.update_rate, balancer.update_rule) == (0.004, "linear")
+    balancer.remove()
+    assert LossFreeBalancer(model, update_rate=0.004).update_rate == 0.004
+    plain = LossFreeBalancer(ScriptedMoe())
+    assert (plain.update_rate, plain.update_rule) == (0.001, "sign")
+
+
+def test_misuse_raises_clear_errors():
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        LossFreeBalancer(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"update_rate must be a finite number >= 0, got -0.1"):
+        LossFreeBalancer(ScriptedMoe(), update_rate=-0.1)
+    with pytest.raises(ValueError, match=r"update_rate .* got nan"):
+        LossFreeBalancer(ScriptedMoe(), update_rate=float("nan"))
+    with pytest.raises(ValueError, match=r"update_rule must be one of \('sign', 'rms', 'linear'\), got 'l2'"):
+        LossFreeBalancer(ScriptedMoe(), update_rule="l2")
+    with pytest.raises(ValueError, match="contradicts model.config.router_bias_update_rule='sign'"):
+        LossFreeBalancer(tiny_lossfree(), update_rule="rms")
+    model = ScriptedMoe()
+    first = LossFreeBalancer(model)
+    with pytest.raises(ValueError, match="already has a LossFreeBalancer"):
+        LossFreeBalancer(model)
+    first.remove()
+    second = LossFreeBalancer(model)
+    with pytest.raises(RuntimeError, match="count_eval_tokens=True"):
+        second.eval_metrics()
+
+
+def test_router_with_wrong_output_is_reported():
+    class LogitsOnlyRouter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("e_score_correction_bias", torch.zeros(4))
+
+        def forward(self, x):
+            return x @ torch.ones(x.shape[-1], 4)
+
+    model = nn.Sequential(LogitsOnlyRouter())
+    LossFreeBalancer(model)
+    with pytest.raises(TypeError, match=r"router 0 \(LogitsOnlyRouter\) must return"):
+        model(torch.ones(3, 2))
+
+
+def test_biases_replaced_by_moving_the_model_are_the_ones_updated():
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model)
+    model._apply(torch.clone)  # what `model.to(device)` does to every buffer: new tensor objects
+    model(choices_from_loads([[3, 1, 2, 2], [2, 2, 2, 2]]))
+    balancer.step()
+    assert torch.equal(biases(model)[0], torch.tensor([-U, U, 0.0, 0.0], dtype=torch.float32))
