@@ -13,6 +13,9 @@ from hf_signopt.data import DataArguments, load_text_datasets, tokenize_and_grou
 
 logger = logging.get_logger(__name__)
 
+IMPLEMENTATION_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+"""Optimizer `defaults` entries that choose an implementation rather than the math."""
+
 
 def load_raw_datasets(data_args: DataArguments) -> DatasetDict:
     """Loads the text splits `data_args` names (the shipped corpus by default)."""
@@ -67,13 +70,14 @@ def optimizer_name(training_args: TrainingArguments) -> str:
 def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The hyperparameters an optimizer ran with: its `defaults` (unwrapping accelerate's wrapper).
 
-    Entries that are not plain values (such as `None` implementation switches left to torch) are dropped.
+    torch's implementation switches (`foreach`, `fused`, `capturable`, `differentiable`) and entries that
+    are not plain values are left out.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     return {
         name: (list(value) if isinstance(value, tuple) else value)
         for name, value in inner.defaults.items()
-        if isinstance(value, (int, float, str, bool, tuple))
+        if isinstance(value, (int, float, str, bool, tuple)) and name not in IMPLEMENTATION_SWITCHES
     }
 
 

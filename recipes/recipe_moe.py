@@ -11,8 +11,9 @@ from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeCon
 
 
 BALANCING_MODES = ("loss-free", "aux-loss", "none")
-MIXTRAL_AUX_LOSS_COEF = 0.001
-"""Mixtral's default `router_aux_loss_coef`, used by the `aux-loss` mode unless one is given."""
+MIXTRAL_AUX_LOSS_COEF = 0.02
+"""`router_aux_loss_coef` of the released Mixtral-8x7B config (transformers' `MixtralConfig` default is
+0.001), used by the `aux-loss` mode unless one is given; the project's balancing benchmark uses it too."""
 
 SMALL_MOE = {
     "hidden_size": 128,
@@ -47,7 +48,7 @@ class MoeModelArguments:
         router_score_func: `softmax` or `sigmoid`.
         router_bias_update_rule: `sign`, `rms` or `linear`.
         router_bias_update_rate: Bias step `u` per optimizer step, >= 0.
-        router_aux_loss_coef: Auxiliary-loss weight; default 0, or Mixtral's 0.001 in `aux-loss` mode.
+        router_aux_loss_coef: Auxiliary-loss weight; default 0, or Mixtral-8x7B's 0.02 in `aux-loss` mode.
     """
 
     config_name: str | None = field(default=None, metadata={"help": "Config file or model dir to start from."})

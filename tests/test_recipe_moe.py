@@ -45,14 +45,14 @@ def test_explicit_fields_override_a_starting_config(tmp_path):
 
 def test_balancing_modes():
     aux = build_moe_config(MoeModelArguments(balancing="aux-loss"), 300, 32, SPECIAL)
-    assert aux.router_aux_loss_coef == MIXTRAL_AUX_LOSS_COEF == 0.001 and aux.output_router_logits is True
+    assert aux.router_aux_loss_coef == MIXTRAL_AUX_LOSS_COEF == 0.02 and aux.output_router_logits is True
     custom = build_moe_config(MoeModelArguments(balancing="aux-loss", router_aux_loss_coef=0.02), 300, 32, SPECIAL)
     assert custom.router_aux_loss_coef == 0.02
     assert [type(c) for c in balancing_callbacks("loss-free")] == [LossFreeBalanceCallback]
     assert balancing_callbacks("aux-loss") == balancing_callbacks("none") == []
     summary = routing_summary(aux, "aux-loss")
     assert summary == {"balancing": "aux-loss", "score_func": "softmax", "update_rule": "sign", "update_rate": 0.001,
-                       "aux_loss_coef": 0.001, "num_experts": 8, "top_k": 2}
+                       "aux_loss_coef": 0.02, "num_experts": 8, "top_k": 2}
 
 
 def test_invalid_sizes_are_reported_by_the_config():

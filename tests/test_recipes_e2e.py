@@ -198,7 +198,7 @@ def test_compare_balancing_table(corpus, tmp_path):
                                    "--save_strategy", "no", "--router_bias_update_rate", str(BIAS_RATE),
                                    "--output_dir", str(target)])
     assert [(row["mode"], row["aux_loss_coef"]) for row in rows] == [
-        ("none", 0.0), ("aux-loss", 0.001), ("loss-free", 0.0)]
+        ("none", 0.0), ("aux-loss", 0.02), ("loss-free", 0.0)]
     moved = {mode: any(b.abs().sum() > 0 for b in biases(target / mode).values()) for mode, _ in
              [(r["mode"], None) for r in rows]}
     assert moved == {"none": False, "aux-loss": False, "loss-free": True}
