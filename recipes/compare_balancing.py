@@ -50,7 +50,6 @@ DEFAULTS = {
     "save_steps": 150,
     "save_total_limit": 1,
     "seed": 42,
-    "report_to": "none",
     "disable_tqdm": False,
     "sample_prompt": "",
 }
@@ -83,6 +82,10 @@ class BalancingComparisonArguments:
             raise ValueError(f"modes must be distinct names from {BALANCING_MODES}, got {self.modes}.")
 
 
+ARGUMENT_TYPES = (BalancingComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments)
+"""The dataclasses this recipe parses, in order."""
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Trains once per mode, prints and writes the table, draws the expert loads.
 
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         One row of results per mode.
     """
     comparison_args, model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        (BalancingComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments),
+        ARGUMENT_TYPES,
         DEFAULTS,
         sys.argv[1:] if argv is None else argv,
     )

@@ -50,7 +50,6 @@ DEFAULTS = {
     "save_steps": 100,
     "save_total_limit": 1,
     "seed": 42,
-    "report_to": "none",
     "disable_tqdm": False,
     "sample_prompt": "",
 }
@@ -112,6 +111,10 @@ def variant_arguments(training_args: TrainingArguments, optim: str, learning_rat
     )
 
 
+ARGUMENT_TYPES = (OptimizerComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments)
+"""The dataclasses this recipe parses, in order."""
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs every optimizer, prints and writes the table, draws the loss curves.
 
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         One row of results per optimizer.
     """
     comparison_args, model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        (OptimizerComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments),
+        ARGUMENT_TYPES,
         DEFAULTS,
         sys.argv[1:] if argv is None else argv,
     )

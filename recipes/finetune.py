@@ -65,7 +65,6 @@ DEFAULTS = {
     "save_steps": 100,
     "save_total_limit": 1,
     "seed": 42,
-    "report_to": "none",
     "disable_tqdm": False,
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""
@@ -108,6 +107,10 @@ def load_model_and_tokenizer(model_args: FinetuneModelArguments, checkpoint: str
     return model, tokenizer
 
 
+ARGUMENT_TYPES = (FinetuneModelArguments, DataArguments, TrainingArguments, RecipeArguments)
+"""The dataclasses this recipe parses, in order."""
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses arguments, fine-tunes, evaluates before and after, writes the outputs, prints a sample.
 
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The final metrics.
     """
     model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        (FinetuneModelArguments, DataArguments, TrainingArguments, RecipeArguments),
+        ARGUMENT_TYPES,
         DEFAULTS,
         sys.argv[1:] if argv is None else argv,
     )

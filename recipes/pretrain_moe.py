@@ -46,10 +46,13 @@ DEFAULTS = {
     "save_steps": 250,
     "save_total_limit": 1,
     "seed": 42,
-    "report_to": "none",
     "disable_tqdm": False,
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""
+
+
+ARGUMENT_TYPES = (MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments)
+"""The dataclasses this recipe parses, in order."""
 
 
 def main(argv: Sequence[str] | None = None) -> PretrainingRun:
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> PretrainingRun:
         The run's metrics.
     """
     model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        (MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments),
+        ARGUMENT_TYPES,
         DEFAULTS,
         sys.argv[1:] if argv is None else argv,
     )
