@@ -134,7 +134,9 @@ def plot_expert_load(
         if len(matrix) * len(matrix[0]) <= 128:
             for layer, row in enumerate(matrix):
                 for expert, value in enumerate(row):
-                    axes.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7)
+                    # Light text on the dark ends of the colour map, dark text elsewhere.
+                    shade = "white" if abs(float(norm(value)) - 0.5) > 0.35 else "black"
+                    axes.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color=shade)
     figure.colorbar(image, ax=list(panels), label="load / mean load")
     figure.suptitle(title)
     path = Path(path)
