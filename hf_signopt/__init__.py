@@ -6,15 +6,7 @@ and the `lossfree_moe` model type with the `Auto*` classes. Registration is idem
 
 __version__ = "0.1.0"
 
-from .optim import Lion, SignMomentum, Signum, Simba
-
-# Trainer integration: `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
 from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
-
-
-register_sign_optimizers()
-
-# Loss-free balanced MoE: model classes, and `lossfree_moe` registered with the Auto classes.
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .moe import (
     LoadBalanceMetrics,
@@ -29,7 +21,11 @@ from .moe import (
     LossFreeMoePreTrainedModel,
     LossFreeMoeTopKRouter,
 )
+from .optim import Lion, SignMomentum, Signum, Simba
 
+# `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
+register_sign_optimizers()
+# `AutoConfig` / `AutoModel*` resolve `model_type="lossfree_moe"`.
 register_lossfree_moe()
 
 __all__ = [

@@ -124,6 +124,14 @@ def test_module_gets_its_argv_and_runs_as_main(tmp_path, capsys, isolated_sys):
     assert capsys.readouterr().out.strip() == f"__main__ {argv} signsgd"
 
 
+def test_script_exit_status_propagates(tmp_path, isolated_sys):
+    failing = tmp_path / "failing.py"
+    failing.write_text("raise SystemExit(3)\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(failing)])
+    assert exit_info.value.code == 3
+
+
 @pytest.mark.parametrize(("argv", "status"), [([], 2), (["-m"], 2), (["no_such_script.py"], 2), (["--help"], 0)])
 def test_usage_errors(argv, status, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -13,6 +13,12 @@ from hf_signopt.optim import Lion, SignMomentum, Signum, Simba
 
 pytestmark = pytest.mark.e2e
 
+# transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+_CHECKPOINTING = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in TrainingArguments.__dataclass_fields__
+)
 NAMES = {"lion": Lion, "signum": Signum, "signsgd": Signum, "signmomentum": SignMomentum, "simba": Simba}
 SEQ_LEN = 32
 _TEXT = (Path(hf_signopt.__file__).parent / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
@@ -87,12 +93,12 @@ def test_accumulation_clipping_checkpointing_bf16(tmp_path, name, optim_args):
     before = _held_out_loss(model)
     args = _args(
         tmp_path, optim=name, optim_args=optim_args, max_steps=15, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, max_grad_norm=0.5, activation_checkpointing=True, bf16=True,
+        gradient_accumulation_steps=2, max_grad_norm=0.5, bf16=True, **{_CHECKPOINTING: True},
     )
     trainer = Trainer(model=model, args=args, train_dataset=_TRAIN)
     trainer.train()
     assert trainer.state.global_step == 15
-    assert trainer.accelerator.mixed_precision == "bf16" and model.is_activation_checkpointing
+    assert trainer.accelerator.mixed_precision == "bf16" and getattr(model, f"is_{_CHECKPOINTING}")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert _held_out_loss(model) < before
 

@@ -10,7 +10,7 @@ from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
 from transformers.training_args import OptimizerNames
 
 import hf_signopt
-from hf_signopt.integrations import register_trainer_optimizer
+from hf_signopt.integrations import get_trainer_optimizer, register_trainer_optimizer
 from hf_signopt.optim import Lion, SignMomentum, Signum, Simba
 
 
@@ -97,6 +97,14 @@ def test_built_optimizer_has_optim_args_and_no_decay_grouping(tmp_path, name, op
             assert group[key] == value, key
 
 
+def test_registry_entries():
+    assert get_trainer_optimizer("signsgd").optimizer_cls is Signum
+    assert dict(get_trainer_optimizer("signsgd").fixed_kwargs) == {"momentum": 0.0}
+    assert dict(get_trainer_optimizer("simba").fixed_kwargs) == {}
+    with pytest.raises(KeyError, match="No hf_signopt optimizer named 'adamw_torch'; registered: lion, signum"):
+        get_trainer_optimizer("adamw_torch")
+
+
 def test_signsgd_builds_signum_without_momentum(tmp_path):
     optimizer = Trainer(model=_Block(), args=_args(tmp_path, optim="signsgd")).create_optimizer()
     assert type(optimizer) is Signum and all(group["momentum"] == 0.0 for group in optimizer.param_groups)
@@ -104,7 +112,7 @@ def test_signsgd_builds_signum_without_momentum(tmp_path):
 
 def test_hf_argument_parser(tmp_path):
     parser = HfArgumentParser(TrainingArguments)
-    assert "simba" in parser.format_help() and "signmomentum" in parser.format_help()
+    assert set(NAMES) <= set(parser._option_string_actions["--optim"].choices)  # what --help lists
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--optim", "simba",
          "--optim_args", "window_size=64,threshold=0.2,momentum=ema", "--learning_rate", "0.01"]
@@ -113,6 +121,15 @@ def test_hf_argument_parser(tmp_path):
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     assert cls is Simba
     assert kwargs == {"lr": 0.01, "weight_decay": 0.0, "window_size": 64, "threshold": 0.2, "momentum": "ema"}
+
+
+def test_hf_argument_parser_rejects_unknown_names_listing_ours(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "simbaa"]
+        )
+    message = capsys.readouterr().err
+    assert "invalid choice: 'simbaa'" in message and all(f"'{name}'" in message for name in NAMES)
 
 
 @pytest.mark.parametrize(
@@ -152,9 +169,25 @@ def test_transformers_names_are_not_taken_over():
     assert _OPTIMIZER_HANDLERS[OptimizerNames.SGD].__module__.startswith("transformers")
 
 
+def test_registration_checks_the_constructor():
+    class NoDecay(torch.optim.Optimizer):
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, {"lr": lr})
+
+    with pytest.raises(TypeError, match="NoDecay.__init__ does not accept weight_decay"):
+        register_trainer_optimizer("nodecay", NoDecay)
+    with pytest.raises(TypeError, match="does not accept nesterov"):
+        register_trainer_optimizer("lion_nesterov", Lion, {"nesterov": True})
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer subclass"):
+        register_trainer_optimizer("not_an_optimizer", dict)
+    with pytest.raises(ValueError, match="no spaces or commas"):
+        register_trainer_optimizer("my opt", Lion)
+    assert "nodecay" not in [member.value for member in OptimizerNames]
+
+
 def test_missing_internals_raise_import_error_naming_the_range(monkeypatch):
     import transformers.trainer_optimizer
 
     monkeypatch.delattr(transformers.trainer_optimizer, "_OPTIMIZER_HANDLERS")
-    with pytest.raises(ImportError, match=r"transformers>=5\.23,<6"):
+    with pytest.raises(ImportError, match=r"transformers>=5\.2,<6"):
         register_trainer_optimizer("lion", Lion)

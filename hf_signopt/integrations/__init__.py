@@ -1,4 +1,4 @@
-"""Glue between hf_signopt and transformers: Auto-class registration, `TrainingArguments(optim=...)` and `optim_args`."""
+"""Transformers glue: Auto-class registration, `TrainingArguments(optim=...)` registration and `optim_args` parsing."""
 
 from .optim_args import OptimArg, optim_arg_specs, parse_optim_args, split_optim_args
 from .optim_registry import SIGN_OPTIMIZERS, register_sign_optimizers
@@ -7,7 +7,6 @@ from .trainer_optim import (
     TrainerOptimizer,
     get_trainer_optimizer,
     register_trainer_optimizer,
-    registered_trainer_optimizers,
 )
 
 
@@ -21,6 +20,5 @@ __all__ = [
     "parse_optim_args",
     "register_sign_optimizers",
     "register_trainer_optimizer",
-    "registered_trainer_optimizers",
     "split_optim_args",
 ]

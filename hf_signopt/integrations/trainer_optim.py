@@ -15,6 +15,9 @@ Registration is idempotent: registering the same name again re-points it, never 
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,13 +36,12 @@ __all__ = [
     "TrainerOptimizer",
     "get_trainer_optimizer",
     "register_trainer_optimizer",
-    "registered_trainer_optimizers",
 ]
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_TRANSFORMERS = ">=5.23,<6"
-_TESTED_MIN, _TESTED_BELOW = Version("5.23"), Version("6")
+SUPPORTED_TRANSFORMERS = ">=5.2,<6"
+_TESTED_MIN, _TESTED_BELOW = Version("5.2"), Version("6")
 _WRAPPED_MARKER = "_hf_signopt_original"
 _MEMBER_PREFIX = "HF_SIGNOPT_"
 _REGISTRY: dict[str, TrainerOptimizer] = {}
@@ -62,10 +64,20 @@ class TrainerOptimizer:
     fixed_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or self.name != self.name.strip() or "," in self.name:
-            raise ValueError(f"Optimizer name {self.name!r} must be a non-empty string without spaces or commas.")
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(
+                f"Optimizer name {self.name!r} must be letters, digits, '_', '.' or '-' (no spaces or commas)."
+            )
         if not (isinstance(self.optimizer_cls, type) and issubclass(self.optimizer_cls, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {self.optimizer_cls!r}.")
+        accepted = inspect.signature(self.optimizer_cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            unaccepted = [key for key in ("lr", "weight_decay", *self.fixed_kwargs) if key not in accepted]
+            if unaccepted:
+                raise TypeError(
+                    f"{self.optimizer_cls.__name__}.__init__ does not accept {', '.join(unaccepted)}; the Trainer "
+                    "passes lr and weight_decay, and fixed_kwargs must name constructor parameters."
+                )
         object.__setattr__(self, "fixed_kwargs", MappingProxyType(dict(self.fixed_kwargs)))
 
     def optimizer_kwargs(self, learning_rate: float, weight_decay: float, optim_args: str | None) -> dict[str, Any]:
@@ -88,35 +100,54 @@ class TrainerOptimizer:
 
 
 def _transformers_internals() -> tuple[type[Enum], dict, type]:
-    """Returns `(OptimizerNames, _OPTIMIZER_HANDLERS, Trainer)`, or raises an `ImportError` naming the range."""
+    """Returns `(OptimizerNames, _OPTIMIZER_HANDLERS, Trainer)`, or raises an `ImportError` naming the range.
+
+    Only the absence of the hooked names is reported as an unsupported version; any other import error of
+    transformers (a broken environment) propagates unchanged.
+    """
     import transformers
+    from transformers import Trainer, training_args
 
     found = getattr(transformers, "__version__", "unknown")
     try:
-        from transformers import Trainer
-        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext  # noqa: F401
-        from transformers.training_args import OptimizerNames
-
-        if not (
-            isinstance(_OPTIMIZER_HANDLERS, dict)
-            and issubclass(OptimizerNames, str)
-            and issubclass(OptimizerNames, Enum)
-            and isinstance(Trainer.__dict__.get("get_optimizer_cls_and_kwargs"), staticmethod)
-        ):
-            raise ImportError("unexpected shapes of OptimizerNames, _OPTIMIZER_HANDLERS or Trainer")
-    except ImportError as error:
+        trainer_optimizer = importlib.import_module("transformers.trainer_optimizer")
+    except ModuleNotFoundError as error:
+        if error.name != "transformers.trainer_optimizer":
+            raise
+        trainer_optimizer = None
+    optimizer_names = getattr(training_args, "OptimizerNames", None)
+    handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
+    missing = [
+        name
+        for name, ok in (
+            ("transformers.trainer_optimizer", trainer_optimizer is not None),
+            ("trainer_optimizer._OPTIMIZER_HANDLERS (a dict)", isinstance(handlers, dict)),
+            ("trainer_optimizer.OptimizerContext", hasattr(trainer_optimizer, "OptimizerContext")),
+            (
+                "training_args.OptimizerNames (a str Enum)",
+                isinstance(optimizer_names, type)
+                and issubclass(optimizer_names, str)
+                and issubclass(optimizer_names, Enum),
+            ),
+            (
+                "Trainer.get_optimizer_cls_and_kwargs (a staticmethod)",
+                isinstance(Trainer.__dict__.get("get_optimizer_cls_and_kwargs"), staticmethod),
+            ),
+        )
+        if not ok
+    ]
+    if missing:
         raise ImportError(
-            f"hf_signopt registers its optimizers through transformers' Trainer internals (OptimizerNames, "
-            f"trainer_optimizer._OPTIMIZER_HANDLERS, Trainer.get_optimizer_cls_and_kwargs), which this "
-            f"transformers {found} does not provide ({error}). Install a supported version: "
+            f"hf_signopt registers its optimizers through transformers' Trainer internals, and transformers "
+            f"{found} lacks {', '.join(missing)}. Install a supported version: "
             f"pip install 'transformers{SUPPORTED_TRANSFORMERS}'."
-        ) from error
+        )
     if not _TESTED_MIN <= Version(found) < _TESTED_BELOW:
         logger.warning(
             f"hf_signopt is tested with transformers{SUPPORTED_TRANSFORMERS}, found {found}; the optimizer "
             "registration hooks exist here but are untested."
         )
-    return OptimizerNames, _OPTIMIZER_HANDLERS, Trainer
+    return optimizer_names, handlers, Trainer
 
 
 def _enum_member(enum_cls: type[Enum], value: str) -> Enum:
@@ -138,6 +169,9 @@ def _enum_member(enum_cls: type[Enum], value: str) -> Enum:
     enum_cls._member_map_[name] = member
     enum_cls._member_names_.append(name)
     enum_cls._value2member_map_[value] = member
+    hashable_values = getattr(enum_cls, "_hashable_values_", None)  # Python >= 3.13: used by `in`
+    if isinstance(hashable_values, list):
+        hashable_values.append(value)
     return member
 
 
@@ -148,7 +182,7 @@ def _optim_value(optim: Any) -> str:
 
 def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
-    entry = _REGISTRY[_optim_value(ctx.args.optim)]
+    entry = get_trainer_optimizer(_optim_value(ctx.args.optim))
     kwargs = dict(ctx.optimizer_kwargs)
     kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
     return entry.optimizer_cls, kwargs
@@ -218,8 +252,3 @@ def get_trainer_optimizer(name: str) -> TrainerOptimizer:
     if name not in _REGISTRY:
         raise KeyError(f"No hf_signopt optimizer named {name!r}; registered: {', '.join(_REGISTRY) or '(none)'}.")
     return _REGISTRY[name]
-
-
-def registered_trainer_optimizers() -> tuple[str, ...]:
-    """Names registered through `register_trainer_optimizer`, in registration order."""
-    return tuple(_REGISTRY)

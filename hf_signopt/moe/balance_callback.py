@@ -63,7 +63,7 @@ class LossFreeBalanceCallback(TrainerCallback):
             self.balancer.remove()
         previous = attached_balancer(model)
         if previous is not None and previous in _CALLBACK_BALANCERS:
-            logger.warning("LossFreeBalanceCallback: another LossFreeBalanceCallback was balancing this model; taking over")
+            logger.warning("LossFreeBalanceCallback: taking over from the LossFreeBalanceCallback attached before")
             previous.remove()
         self.balancer = LossFreeBalancer(model, self.update_rate, self.update_rule, count_eval_tokens=True)
         _CALLBACK_BALANCERS.add(self.balancer)
@@ -121,7 +121,9 @@ class LossFreeBalanceCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(added)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs):
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs
+    ):
         """Put MaxVio_global of the evaluation run into its metrics, then forget its counts."""
         if self.balancer is None:
             return

@@ -279,7 +279,8 @@ class LossFreeBalancer:
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_position is not None and len(args) > self._mask_position:
             mask = args[self._mask_position]
-        self._token_mask = mask.reshape(-1).to(torch.int64) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        is_padding_mask = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        self._token_mask = mask.reshape(-1).to(torch.int64) if is_padding_mask else None
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._active_counts = None

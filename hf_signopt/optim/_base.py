@@ -32,11 +32,39 @@ class SignOptimizer(torch.optim.Optimizer):
         self._steps_taken = 0
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; keep our attributes too.
+        state = super().__getstate__()
+        state.update(
+            nonfinite_check_interval=self.nonfinite_check_interval,
+            _nonfinite_counts=self._nonfinite_counts,
+            _nonfinite_reported=self._nonfinite_reported,
+            _steps_taken=self._steps_taken,
+        )
+        return state
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _step_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _normalize_state(self, group: dict[str, Any]) -> None:
+        """Bring a group's existing state to the dtypes its hyperparameters need (default: nothing)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, then re-validate the groups and restore the state dtypes.
+
+        `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point
+        parameter to the parameter's dtype; integer state (Simba's sign counts) is cast back here.
+
+        Args:
+            state_dict: A dict returned by `state_dict()`.
+        """
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._validate_group(group)
+            self._normalize_state(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its parameters and hyperparameters.
@@ -57,6 +85,8 @@ class SignOptimizer(torch.optim.Optimizer):
             raise ValueError("foreach=True and fused=True are mutually exclusive; set at most one")
         for param in group["params"]:
             check_param(param)
+            if group["fused"]:
+                F.check_fused_supported(param)
 
     def _counter(self, device: torch.device) -> torch.Tensor:
         if device not in self._nonfinite_counts:
@@ -75,7 +105,6 @@ class SignOptimizer(torch.optim.Optimizer):
         for param in group["params"]:
             if param.grad is None:
                 continue
-            check_grad(param.grad)
             state = self.state[param]
             if not state:
                 state.update(init_state(param))
@@ -102,6 +131,10 @@ class SignOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # check every gradient before changing any parameter
+            for param in group["params"]:
+                if param.grad is not None:
+                    check_grad(param.grad)
         for group in self.param_groups:
             self._step_group(group)
         self._steps_taken += 1

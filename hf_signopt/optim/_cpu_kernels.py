@@ -129,6 +129,11 @@ def _counter(nonfinite_count: torch.Tensor) -> ctypes.POINTER(ctypes.c_int64):
     return ctypes.cast(nonfinite_count.data_ptr(), ctypes.POINTER(ctypes.c_int64))
 
 
+def _written(*lists: list[torch.Tensor]) -> None:
+    """Bump the autograd version counters of tensors the kernel wrote through raw pointers."""
+    torch.autograd.graph.increment_version([t for tensors in lists for t in tensors])
+
+
 def _kernel(name: str, dtype: torch.dtype):
     return getattr(load(required=True), f"hfso_{name}_{_DTYPE_SUFFIX[dtype]}")
 
@@ -138,6 +143,7 @@ def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonfinite_c
     _kernel("lion", params[0].dtype)(len(params), _pointers(params), _pointers(grads), _pointers(exp_avgs),
                                      _numels(params), lr, 1.0 - lr * weight_decay, beta1, beta2,
                                      _counter(nonfinite_count))
+    _written(params, exp_avgs)
 
 
 def signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count) -> None:
@@ -145,13 +151,14 @@ def signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfi
     _kernel("signum", params[0].dtype)(len(params), _pointers(params), _pointers(grads),
                                        _pointers(momentum_buffers), _numels(params), lr,
                                        1.0 - lr * weight_decay, momentum, _counter(nonfinite_count))
+    _written(params, momentum_buffers)
 
 
-def signsgd(params, grads, *, lr, momentum, weight_decay, nonfinite_count) -> None:
+def signsgd(params, grads, *, lr, weight_decay, nonfinite_count) -> None:
     """Fused signSGD step (Signum with momentum 0); see `hf_signopt.optim._functional.signum_step`."""
-    del momentum  # always 0 here
     _kernel("signsgd", params[0].dtype)(len(params), _pointers(params), _pointers(grads), _numels(params), lr,
                                         1.0 - lr * weight_decay, _counter(nonfinite_count))
+    _written(params)
 
 
 def sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count) -> None:
@@ -159,9 +166,10 @@ def sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay
     _kernel("sign_momentum", params[0].dtype)(len(params), _pointers(params), _pointers(grads),
                                               _pointers(momentum_buffers), _numels(params), lr,
                                               1.0 - lr * weight_decay, momentum, _counter(nonfinite_count))
+    _written(params, momentum_buffers)
 
 
-def simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, threshold, weight_decay, beta,
+def simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, threshold, weight_decay, beta,
           nonfinite_count) -> None:
     """Fused Simba step; see `hf_signopt.optim._functional.simba_step`."""
     name = f"hfso_simba_{_DTYPE_SUFFIX[params[0].dtype]}_{_INT_SUFFIX[sign_counts[0].dtype]}"
@@ -169,3 +177,4 @@ def simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, threshold, w
     kernel(len(params), _pointers(params), _pointers(grads), _pointers(sign_counts),
            _pointers(exp_avgs) if exp_avgs else None, _numels(params), lr, 1.0 - lr * weight_decay,
            int(window_size * threshold), window_size, beta, _counter(nonfinite_count))
+    _written(params, sign_counts, exp_avgs)

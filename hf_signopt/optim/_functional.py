@@ -24,6 +24,14 @@ from . import _cpu_kernels
 Tensors = list[torch.Tensor]
 
 
+def check_fused_supported(param: torch.Tensor) -> None:
+    """Raise ValueError if the fused CPU kernel cannot update `param` (device or dtype)."""
+    if param.device.type != "cpu" or param.dtype not in _cpu_kernels.SUPPORTED_DTYPES:
+        raise ValueError(
+            f"fused=True supports CPU parameters of dtype float32 or bfloat16; got {param.dtype} on {param.device}"
+        )
+
+
 def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> str:
     """Choose the step implementation for tensors that share one device and parameter dtype.
 
@@ -66,66 +74,99 @@ def new_nonfinite_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def _finite_masks(grads: Tensors, nonfinite_count: torch.Tensor) -> Tensors:
-    finite = [torch.isfinite(g) for g in grads]
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of ones in a 0/1 float mask as an int64 scalar tensor (float32 sums are exact to 2**24)."""
+    if mask.numel() <= 2**24:
+        return mask.sum(dtype=torch.float32).to(torch.int64)
+    return torch.count_nonzero(mask)
+
+
+def _clean_grads(grads: Tensors, nonfinite_count: torch.Tensor) -> tuple[Tensors, Tensors]:
+    """Return gradients with non-finite elements zeroed, and 0/1 masks (gradient dtype) of the finite ones.
+
+    The number of non-finite elements is added to `nonfinite_count` on its device (no sync).
+    """
+    clean = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+    finite = [torch.eq(c, g, out=torch.empty_like(g)) for c, g in zip(clean, grads)]
     total = sum(g.numel() for g in grads)
-    nonfinite_count.add_(total - torch.stack([f.sum() for f in finite]).sum())
-    return finite
+    nonfinite_count.add_(total - torch.stack([_count(f) for f in finite]).sum())
+    return clean, finite
 
 
-def _decay_(params: Tensors, finite: Tensors, lr: float, weight_decay: float) -> None:
-    """p <- p * (1 - lr * wd) where the gradient is finite."""
+def _masked_lerp_(targets: Tensors, sources: Tensors, finite: Tensors, weight: float) -> None:
+    """targets <- lerp(targets, sources, weight) where the gradient is finite, unchanged elsewhere.
+
+    The 0/1 masks are scaled to 0/weight in place and restored afterwards (exactly: w / w == 1).
+    Low-precision targets are computed in float32 and rounded once, like the fused kernel.
+    """
+    if targets[0].dtype.itemsize < 4:
+        work = [t.float() for t in targets]
+        weights = [f.float().mul_(weight) for f in finite]
+        torch._foreach_lerp_(work, [s.float() for s in sources], weights)
+        torch._foreach_copy_(targets, work)
+        return
+    torch._foreach_mul_(finite, weight)
+    torch._foreach_lerp_(targets, sources, finite)
+    torch._foreach_div_(finite, weight)
+
+
+def _apply_update_(params: Tensors, finite: Tensors, update: Tensors, lr: float, weight_decay: float,
+                   update_is_scratch: bool) -> None:
+    """p <- p - lr * (u + wd * p) where the gradient is finite; p unchanged elsewhere.
+
+    This is ``p * (1 - lr * wd) - lr * u`` (decoupled decay first). Low-precision parameters are
+    computed in float32 and rounded once, like the fused kernel.
+    """
+    low = params[0].dtype.itemsize < 4
+    work = [p.float() for p in params] if low else params
+    mask = [f.float() for f in finite] if low else finite
     if weight_decay != 0.0:
-        decay = 1.0 - lr * weight_decay
-        torch._foreach_mul_(params, [torch.where(f, decay, 1.0) for f in finite])
+        if update_is_scratch:
+            torch._foreach_add_(update, work, alpha=weight_decay)
+        else:
+            update = torch._foreach_add(update, work, alpha=weight_decay)
+    torch._foreach_addcmul_(work, update, mask, value=-lr)
+    if low:
+        torch._foreach_copy_(params, work)
 
 
 def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonfinite_count):
-    finite = _finite_masks(grads, nonfinite_count)
-    # Where g is not finite, use m in its place: lerp(m, m, w) == m exactly, so m stays unchanged.
-    g_fill = [torch.where(f, g, m) for f, g, m in zip(finite, grads, exp_avgs)]
-    update = torch._foreach_sign(torch._foreach_lerp(exp_avgs, g_fill, 1.0 - beta1))
-    torch._foreach_mul_(update, finite)
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
-    torch._foreach_lerp_(exp_avgs, g_fill, 1.0 - beta2)
+    clean, finite = _clean_grads(grads, nonfinite_count)
+    update = torch._foreach_lerp(exp_avgs, clean, 1.0 - beta1)
+    torch._foreach_sign_(update)
+    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
+    _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta2)
 
 
 def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
-    finite = _finite_masks(grads, nonfinite_count)
-    if momentum_buffers:
-        g_fill = [torch.where(f, g, m) for f, g, m in zip(finite, grads, momentum_buffers)]
-        torch._foreach_lerp_(momentum_buffers, g_fill, 1.0 - momentum)
-        update = torch._foreach_sign(momentum_buffers)
-        torch._foreach_mul_(update, finite)
-    else:
-        update = [torch.where(f, g.sign(), 0.0) for f, g in zip(finite, grads)]
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    clean, finite = _clean_grads(grads, nonfinite_count)
+    _masked_lerp_(momentum_buffers, clean, finite, 1.0 - momentum)
+    update = torch._foreach_sign(momentum_buffers)
+    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
+
+
+def _torch_signsgd(params, grads, *, lr, weight_decay, nonfinite_count):
+    clean, finite = _clean_grads(grads, nonfinite_count)
+    _apply_update_(params, finite, torch._foreach_sign(clean), lr, weight_decay, update_is_scratch=True)
 
 
 def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
-    finite = _finite_masks(grads, nonfinite_count)
-    sign_fill = [torch.where(f, g.sign(), m) for f, g, m in zip(finite, grads, momentum_buffers)]
-    torch._foreach_lerp_(momentum_buffers, sign_fill, 1.0 - momentum)
-    update = torch._foreach_mul(momentum_buffers, finite)
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    clean, finite = _clean_grads(grads, nonfinite_count)
+    _masked_lerp_(momentum_buffers, torch._foreach_sign(clean), finite, 1.0 - momentum)
+    _apply_update_(params, finite, momentum_buffers, lr, weight_decay, update_is_scratch=False)
 
 
-def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, threshold, weight_decay, beta,
+def _torch_simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, threshold, weight_decay, beta,
                  nonfinite_count):
-    finite = _finite_masks(grads, nonfinite_count)
+    clean, finite = _clean_grads(grads, nonfinite_count)
     count_threshold = int(window_size * threshold)
-    grad_signs = [torch.where(f, g.sign(), 0.0) for f, g in zip(finite, grads)]
-    trusted = [(s.abs() > count_threshold) & f for s, f in zip(sign_counts, finite)]
+    grad_signs = torch._foreach_sign(clean)  # 0 where the gradient is not finite
     history = exp_avgs if exp_avgs else sign_counts
-    update = [torch.where(t, h.sign(), gs) for t, h, gs in zip(trusted, history, grad_signs)]
-    _decay_(params, finite, lr, weight_decay)
-    torch._foreach_add_(params, update, alpha=-lr)
+    update = [torch.where(s.abs() > count_threshold, h.sign().to(gs.dtype), gs)
+              for s, h, gs in zip(sign_counts, history, grad_signs)]
+    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
     if exp_avgs:
-        g_fill = [torch.where(f, g, m) for f, g, m in zip(finite, grads, exp_avgs)]
-        torch._foreach_lerp_(exp_avgs, g_fill, 1.0 - beta)
+        _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta)
     for s, gs in zip(sign_counts, grad_signs):
         # Saturating s <- clamp(s + sign(g), -w, w); widen first when s + 1 could overflow the dtype.
         if window_size == torch.iinfo(s.dtype).max:
@@ -135,6 +176,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs, *, lr, window_size, thres
 
 
 def _run(impl: str, torch_fn: Callable, fused_fn: Callable, lists: tuple[Tensors, ...], **hyper) -> None:
+    """Call the fused kernel, the batched torch function, or the torch function once per tensor."""
     if impl == "fused":
         fused_fn(*lists, **hyper)
     elif impl == "foreach":
@@ -155,14 +197,8 @@ def signum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, l
                 weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
     """Signum: m <- mu*m + (1-mu)*g; p <- p*(1-lr*wd) - lr*sign(m). Empty buffers: signSGD."""
     if not momentum_buffers:
-        hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nonfinite_count=nonfinite_count)
-        if impl == "fused":
-            _cpu_kernels.signsgd(params, grads, **hyper)
-        elif impl == "foreach":
-            _torch_signum(params, grads, [], **hyper)
-        else:
-            for p, g in zip(params, grads):
-                _torch_signum([p], [g], [], **hyper)
+        _run(impl, _torch_signsgd, _cpu_kernels.signsgd, (params, grads), lr=lr, weight_decay=weight_decay,
+             nonfinite_count=nonfinite_count)
         return
     _run(impl, _torch_signum, _cpu_kernels.signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
          weight_decay=weight_decay, nonfinite_count=nonfinite_count)
@@ -184,12 +220,6 @@ def simba_step(params: Tensors, grads: Tensors, sign_counts: Tensors, exp_avgs: 
     ``m`` (the "ema" variant, then ``m <- beta*m + (1-beta)*g``). Finally
     ``s <- clamp(s + sign(g), -w, w)``.
     """
-    hyper = dict(lr=lr, window_size=window_size, threshold=threshold, weight_decay=weight_decay, beta=beta,
-                 nonfinite_count=nonfinite_count)
-    if impl == "fused":
-        _cpu_kernels.simba(params, grads, sign_counts, exp_avgs, **hyper)
-    elif impl == "foreach":
-        _torch_simba(params, grads, sign_counts, exp_avgs, **hyper)
-    else:
-        for i, (p, g, s) in enumerate(zip(params, grads, sign_counts)):
-            _torch_simba([p], [g], [s], [exp_avgs[i]] if exp_avgs else [], **hyper)
+    lists = (params, grads, sign_counts, exp_avgs) if exp_avgs else (params, grads, sign_counts)
+    _run(impl, _torch_simba, _cpu_kernels.simba, lists, lr=lr, window_size=window_size, threshold=threshold,
+         weight_decay=weight_decay, beta=beta, nonfinite_count=nonfinite_count)

@@ -80,6 +80,17 @@ class Simba(SignOptimizer):
         check_choice("momentum", group["momentum"], ("counts", "ema"))
         check_unit_interval("beta", group["beta"])
 
+    def _normalize_state(self, group: dict[str, Any]) -> None:
+        window_size, counts_dtype = group["window_size"], sign_count_dtype(group["window_size"])
+        for p in group["params"]:
+            state = self.state[p]
+            # Loaded (cast to float by torch) or edited (other window, ema switched on) state must fit.
+            if state and state["sign_counts"].dtype != counts_dtype:
+                counts = state["sign_counts"].to(torch.int32).clamp_(-window_size, window_size)
+                state["sign_counts"] = counts.to(counts_dtype)
+            if state and group["momentum"] == "ema" and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _step_group(self, group: dict[str, Any]) -> None:
         window_size, ema = group["window_size"], group["momentum"] == "ema"
         counts_dtype = sign_count_dtype(window_size)
@@ -90,14 +101,7 @@ class Simba(SignOptimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return state
 
-        for p in group["params"]:
-            state = self.state[p]
-            # A group edited after its state was created (other window, ema switched on) must still fit.
-            if state and state["sign_counts"].dtype != counts_dtype:
-                counts = state["sign_counts"].to(torch.int32).clamp_(-window_size, window_size)
-                state["sign_counts"] = counts.to(counts_dtype)
-            if state and ema and "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._normalize_state(group)
         keys = ("sign_counts", "exp_avg") if ema else ("sign_counts",)
         for impl, params, grads, state_lists, count in self._buckets(group, init, keys):
             F.simba_step(params, grads, state_lists[0], state_lists[1] if ema else [], lr=group["lr"],

@@ -1,0 +1,68 @@
+"""Building, caching and falling back from the fused CPU kernels."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from hf_signopt import Lion, Simba
+from hf_signopt.optim import _cpu_kernels, _functional
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """Forget the loaded library and build into an empty cache directory."""
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    monkeypatch.setattr(_cpu_kernels, "_failure", None)
+    monkeypatch.setenv("HF_SIGNOPT_KERNEL_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_no_compiler_falls_back_to_foreach(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("CXX", str(fresh_kernels / "no-such-compiler"))
+    with mock.patch.object(_cpu_kernels.logger, "warning") as warning:
+        assert _cpu_kernels.load(required=False) is None
+        assert _cpu_kernels.load(required=False) is None
+    assert warning.call_count == 1
+    assert "no C++ compiler found" in warning.call_args[0][0]
+    assert _functional.select_impl([torch.zeros(4)], None, None) == "foreach"
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    p.grad = torch.tensor([2.0, -3.0])
+    Lion([p], lr=0.5).step()
+    assert p.tolist() == [0.5, -0.5]
+
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="fused CPU kernels are unavailable: no C\\+\\+ compiler found"):
+        Simba([q], fused=True).step()
+
+
+@pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
+def test_kernels_are_built_once_into_the_cache(fresh_kernels, monkeypatch):
+    library = _cpu_kernels.load(required=True)
+    built = list(fresh_kernels.glob("hf_signopt_kernels_*.so"))
+    assert len(built) == 1 and list(fresh_kernels.iterdir()) == built  # no temporary left behind
+    stamp = built[0].stat().st_mtime_ns
+
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    with mock.patch.object(_cpu_kernels.subprocess, "run", wraps=_cpu_kernels.subprocess.run) as run:
+        assert _cpu_kernels.load(required=True) is not None
+    assert all("--version" in call.args[0] for call in run.call_args_list)  # no compile, only the version probe
+    assert built[0].stat().st_mtime_ns == stamp
+    assert hasattr(library, "hfso_lion_float32")
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(dict(fused=True), id="fused", marks=pytest.mark.skipif(
+        _cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")),
+    pytest.param(dict(foreach=True), id="foreach"),
+])
+def test_step_marks_parameters_modified_for_autograd(path):
+    """Updating a parameter that a pending graph saved must make backward() fail, not silently misbehave."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    loss = (p * p).sum()  # saves p for backward
+    p.grad = torch.ones(2)
+    Simba([p], lr=0.1, **path).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
