@@ -161,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     expert_load = None
     if find_routers(model):
         expert_load = measure_expert_load(model, trainer.get_eval_dataloader(), trainer.callback_handler.callbacks)
-        final |= {"maxvio_global": expert_load["maxvio_global"], "maxvio_global_max": max(expert_load["maxvio_per_layer"])}
+        final |= {
+            "maxvio_global": expert_load["maxvio_global"],
+            "maxvio_global_max": max(expert_load["maxvio_per_layer"]),
+        }
     final |= {"train_runtime": train_result.metrics["train_runtime"], "global_step": trainer.state.global_step}
     if trainer.is_world_process_zero():
         write_run_outputs(

@@ -71,7 +71,9 @@ class MoeModelArguments:
         if self.balancing not in BALANCING_MODES:
             raise ValueError(f"balancing must be one of {BALANCING_MODES}, got {self.balancing!r}.")
         if self.tokenizer_vocab_size < 257:
-            raise ValueError(f"tokenizer_vocab_size must be >= 257 (256 bytes + 1 special), got {self.tokenizer_vocab_size}.")
+            raise ValueError(
+                f"tokenizer_vocab_size must be >= 257 (256 bytes + 1 special), got {self.tokenizer_vocab_size}."
+            )
         if self.balancing == "none" and self.router_aux_loss_coef:
             raise ValueError(
                 f"balancing='none' trains without balancing, but router_aux_loss_coef={self.router_aux_loss_coef}; "
@@ -86,7 +88,9 @@ class MoeModelArguments:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-def build_moe_config(model_args: MoeModelArguments, vocab_size: int, block_size: int, special_ids: dict[str, int]) -> LossFreeMoeConfig:
+def build_moe_config(
+    model_args: MoeModelArguments, vocab_size: int, block_size: int, special_ids: dict[str, int]
+) -> LossFreeMoeConfig:
     """Builds the `LossFreeMoeConfig` to pre-train from the arguments.
 
     Args:

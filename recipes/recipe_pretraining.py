@@ -178,7 +178,7 @@ def run_moe_pretraining(
                 "processes": training_args.world_size,
                 "block_size": data_args.block_size,
                 "learning_rate": training_args.learning_rate,
-                "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+                "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
                 "weight_decay": training_args.weight_decay,
                 "seed": training_args.seed,
             },

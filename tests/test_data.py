@@ -32,7 +32,9 @@ def test_default_corpus_is_the_shipped_tiny_shakespeare():
 
 
 def test_text_file_keeps_line_breaks_and_carves_the_tail_as_validation(text_file, tmp_path):
-    splits = load_text_datasets(train_file=str(text_file), validation_split_percentage=10, cache_dir=str(tmp_path / "c"))
+    splits = load_text_datasets(
+        train_file=str(text_file), validation_split_percentage=10, cache_dir=str(tmp_path / "c")
+    )
     assert splits["train"]["text"] == LINES[:36]
     assert splits["validation"]["text"] == LINES[36:]
 
@@ -52,7 +54,9 @@ def test_dataset_name_resolves_a_local_dataset_directory(tmp_path):
     directory = tmp_path / "my_dataset"
     directory.mkdir()
     (directory / "train.csv").write_text("text\n" + "".join(f"row {i}\n" for i in range(20)), encoding="utf-8")
-    splits = load_text_datasets(dataset_name=str(directory), validation_split_percentage=25, cache_dir=str(tmp_path / "c"))
+    splits = load_text_datasets(
+        dataset_name=str(directory), validation_split_percentage=25, cache_dir=str(tmp_path / "c")
+    )
     assert splits["train"]["text"] == [f"row {i}" for i in range(15)]
     assert splits["validation"]["text"] == [f"row {i}" for i in range(15, 20)]
 
@@ -122,7 +126,9 @@ def test_group_into_blocks_concatenates_and_drops_the_tail():
 
 
 def test_tokenize_and_group_packs_the_token_stream(text_file, tmp_path):
-    splits = load_text_datasets(train_file=str(text_file), validation_split_percentage=10, cache_dir=str(tmp_path / "c"))
+    splits = load_text_datasets(
+        train_file=str(text_file), validation_split_percentage=10, cache_dir=str(tmp_path / "c")
+    )
     tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=300, model_max_length=16)
     blocks = tokenize_and_group(splits, tokenizer, block_size=8)
     stream = tokenizer("".join(LINES[:36]))["input_ids"]

@@ -29,8 +29,9 @@ class StepTimeCallback(TrainerCallback):
     """Records the wall time between consecutive optimizer steps of a `Trainer` run.
 
     The time from one `on_step_end` to the next covers data loading, forward, backward and the
-    optimizer step; intervals that contain an evaluation or a checkpoint save are dropped. No device synchronization is added: on an accelerator the queue of pending work bounds
-    how far the host runs ahead, so the median over many steps still measures throughput.
+    optimizer step; intervals that contain an evaluation or a checkpoint save are dropped. No device
+    synchronization is added: on an accelerator the queue of pending work bounds how far the host runs
+    ahead, so the median over many steps still measures throughput.
 
     Attributes:
         intervals: Seconds between consecutive steps of the last training run.
