@@ -66,3 +66,17 @@ def test_step_marks_parameters_modified_for_autograd(path):
     Simba([p], lr=0.1, **path).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_non_contiguous_gradient_takes_the_torch_path():
+    """The fused kernel reads raw memory in order, so a transposed gradient must not reach it."""
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    grad = torch.arange(12.0).reshape(4, 3).t() - 5.5  # non-contiguous, no zeros
+    p.grad = grad
+    Lion([p], lr=1.0).step()  # default path
+    assert torch.equal(p.detach(), -grad.sign())
+    q = torch.nn.Parameter(torch.zeros(3, 4))
+    q.grad = grad
+    if _cpu_kernels.load(required=False) is not None:
+        with pytest.raises(RuntimeError, match="fused=True needs contiguous CPU parameters.*non-contiguous"):
+            Lion([q], lr=1.0, fused=True).step()

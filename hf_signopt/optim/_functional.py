@@ -51,16 +51,15 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
         RuntimeError: ``fused=True`` was requested where the fused kernel does not apply.
     """
     param = tensors[0]
-    fused_ok = (
-        param.device.type == "cpu"
-        and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
-        and all(t.is_contiguous() for t in tensors)
-    )
+    supported = param.device.type == "cpu" and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
+    contiguous = all(t.is_contiguous() for t in tensors)
+    fused_ok = supported and contiguous
     if fused:
         if not fused_ok:
+            problem = f"got {param.dtype} on {param.device}" if not supported else "got a non-contiguous tensor"
             raise RuntimeError(
-                "fused=True needs contiguous CPU parameters of dtype float32 or bfloat16; "
-                f"got {param.dtype} on {param.device}"
+                "fused=True needs contiguous CPU parameters, gradients and state of dtype float32 or bfloat16; "
+                + problem
             )
         _cpu_kernels.load(required=True)
         return "fused"
