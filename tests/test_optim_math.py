@@ -214,7 +214,7 @@ def Simba_counts_dtype(opt, p):
 @pytest.mark.skipif(not fused_available(), reason="no C++ compiler for the fused CPU kernel")
 @pytest.mark.parametrize("name", CASES)
 def test_fused_multithreaded_matches_foreach_on_large_tensors(name):
-    """Tensors above the kernel's parallel threshold, split over 2 OpenMP threads."""
+    """Tensors above the kernel's parallel threshold, split over 2 OpenMP threads, with NaNs in both shares."""
     cls, groups, _, _ = CASES[name]
     hp = {k: v for k, v in groups[0].items()}
     threads = torch.get_num_threads()
@@ -223,12 +223,14 @@ def test_fused_multithreaded_matches_foreach_on_large_tensors(name):
         results = []
         for path in (dict(fused=True), dict(foreach=True)):
             gen = torch.Generator().manual_seed(3)
-            params = [torch.nn.Parameter(torch.randn(70_001, generator=gen)), torch.nn.Parameter(torch.randn(513, generator=gen))]
+            params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (70_001, 513)]
             opt = cls(params, **hp, **path)
             for _ in range(5):
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen) + 0.5
+                params[0].grad[[7, 50_000]] = float("nan")  # one in each thread's share
                 opt.step()
+            assert opt.nonfinite_grad_count() == 10
             results.append((params, opt))
         (fused_params, fused_opt), (ref_params, ref_opt) = results
         for p, q in zip(fused_params, ref_params):
