@@ -3,8 +3,8 @@
 Each `*_step` function updates parameters and optimizer state in place for tensors that share one
 device and dtype. Three implementations compute the same formulas:
 
-* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32,
-  bfloat16 and float16 parameters); see `hf_signopt.optim._cpu_kernels`.
+* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32
+  and bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
 * ``"foreach"``: torch tensor operations batched over the whole list (any device, any float dtype).
   This is the CUDA path; the project's tests run it on CPU only (no GPU was available to verify a
   fused CUDA kernel, so none is provided).
