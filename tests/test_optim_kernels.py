@@ -78,5 +78,14 @@ def test_non_contiguous_gradient_takes_the_torch_path():
     q = torch.nn.Parameter(torch.zeros(3, 4))
     q.grad = grad
     if _cpu_kernels.load(required=False) is not None:
-        with pytest.raises(RuntimeError, match="fused=True needs contiguous CPU parameters.*non-contiguous"):
+        with pytest.raises(RuntimeError, match="fused=True needs plain contiguous CPU parameters.*non-contiguous"):
             Lion([q], lr=1.0, fused=True).step()
+
+
+def test_tensor_subclass_takes_the_torch_path():
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = torch.zeros(4).as_subclass(Tagged)
+    assert _functional.select_impl([tagged], None, None) == "foreach"
+    assert _functional.select_impl([torch.nn.Parameter(torch.zeros(4))], None, None) in ("fused", "foreach")

@@ -54,14 +54,15 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
     """
     param = tensors[0]
     supported = param.device.type == "cpu" and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
-    contiguous = all(t.is_contiguous() for t in tensors)
-    fused_ok = supported and contiguous
+    # The kernel reads raw memory: plain tensors only (no DTensor or other subclasses), in order.
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
+    fused_ok = supported and plain
     if fused:
         if not fused_ok:
-            problem = f"got {param.dtype} on {param.device}" if not supported else "got a non-contiguous tensor"
+            problem = f"{param.dtype} on {param.device}" if not supported else "a non-contiguous or subclass tensor"
             raise RuntimeError(
-                "fused=True needs contiguous CPU parameters, gradients and state of dtype float32 or bfloat16; "
-                + problem
+                "fused=True needs plain contiguous CPU parameters, gradients and state of dtype float32 or "
+                f"bfloat16; got {problem}"
             )
         _cpu_kernels.load(required=True)
         return "fused"
