@@ -202,11 +202,11 @@ def test_bfloat16_parameters_track_reference(name, path):
         for p, ref in zip(params, ref_states[ref_name]):
             if key in opt.state[p]:
                 value = opt.state[p][key]
-                assert value.dtype == (torch.bfloat16 if key != "sign_counts" else Simba_counts_dtype(opt, p))
+                assert value.dtype == (torch.bfloat16 if key != "sign_counts" else simba_counts_dtype(opt, p))
                 torch.testing.assert_close(value.double(), ref, rtol=2**-6, atol=2**-8)
 
 
-def Simba_counts_dtype(opt, p):
+def simba_counts_dtype(opt, p):
     window = next(g["window_size"] for g in opt.param_groups if any(p is q for q in g["params"]))
     return torch.int8 if window <= 127 else torch.int16
 
