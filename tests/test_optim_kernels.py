@@ -89,3 +89,28 @@ def test_tensor_subclass_takes_the_torch_path():
     tagged = torch.zeros(4).as_subclass(Tagged)
     assert _functional.select_impl([tagged], None, None) == "foreach"
     assert _functional.select_impl([torch.nn.Parameter(torch.zeros(4))], None, None) in ("fused", "foreach")
+
+
+@pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
+def test_compiler_without_openmp_gives_single_threaded_kernels(fresh_kernels, monkeypatch):
+    real_compile = _cpu_kernels._compile
+
+    def compile_without_openmp(compiler, flags, target):
+        if "-fopenmp" in flags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        real_compile(compiler, flags, target)
+
+    monkeypatch.setattr(_cpu_kernels, "_compile", compile_without_openmp)
+    with mock.patch.object(_cpu_kernels.logger, "warning") as warning:
+        assert _cpu_kernels.load(required=True) is not None
+    assert "no OpenMP" in warning.call_args[0][0]
+    results = []
+    for path in (dict(fused=True), dict(foreach=True)):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(50_000, generator=gen))
+        opt = Lion([p], lr=0.01, weight_decay=0.1, **path)
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)

@@ -9,7 +9,9 @@
 //
 // Built on first use by hf_signopt/optim/_cpu_kernels.py; the exported C symbols are declared there.
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -62,7 +64,11 @@ int64_t parallel_chunks(int64_t n, const int64_t* numel, Chunk chunk) {
     int64_t bad = 0;
 #pragma omp parallel if (total >= kParallelMinElements) reduction(+ : bad)
     {
+#ifdef _OPENMP
         const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t threads = 1, id = 0;
+#endif
         for (int64_t t = 0; t < n; ++t) {
             const int64_t share = ((numel[t] + threads - 1) / threads + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
             const int64_t begin = std::min(numel[t], share * id), end = std::min(numel[t], begin + share);
