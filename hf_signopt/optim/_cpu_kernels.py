@@ -7,8 +7,9 @@ named by a hash of the source, flags and compiler. Compiling takes about a secon
 and no ninja are involved. The library links ``libgomp.so.1``, which resolves to the OpenMP runtime
 torch has already loaded, so the kernels use torch's thread count (`torch.set_num_threads`).
 
-If no compiler is found or compiling fails, `load(required=False)` logs one warning and returns
-None, and the optimizers use their torch ``foreach`` path instead.
+A compiler without OpenMP (e.g. Apple clang) gets single-threaded kernels, with a warning. If no
+compiler is found or compiling fails, `load(required=False)` logs one warning and returns None,
+and the optimizers use their torch ``foreach`` path instead.
 """
 
 import ctypes
