@@ -88,7 +88,8 @@ def test_tensor_subclass_takes_the_torch_path():
 
     tagged = torch.zeros(4).as_subclass(Tagged)
     assert _functional.select_impl([tagged], None, None) == "foreach"
-    assert _functional.select_impl([torch.nn.Parameter(torch.zeros(4))], None, None) in ("fused", "foreach")
+    fused = "fused" if _cpu_kernels.load(required=False) is not None else "foreach"
+    assert _functional.select_impl([torch.nn.Parameter(torch.zeros(4))], None, None) == fused
 
 
 @pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
@@ -114,3 +115,16 @@ def test_compiler_without_openmp_gives_single_threaded_kernels(fresh_kernels, mo
             opt.step()
         results.append(p.detach())
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_state_left_in_another_dtype_takes_the_torch_path():
+    """After model.to(bfloat16), float32 state must not be read as bfloat16 by the kernel."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = Lion([p], lr=0.5)
+    p.grad = torch.ones(4)
+    opt.step()
+    p.data = p.data.to(torch.bfloat16)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"]], None, None) == "foreach"
+    fused = "fused" if _cpu_kernels.load(required=False) is not None else "foreach"
+    assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"].bfloat16()], None, None) == fused

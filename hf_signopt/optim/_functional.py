@@ -54,12 +54,20 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
     """
     param = tensors[0]
     supported = param.device.type == "cpu" and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
-    # The kernel reads raw memory: plain tensors only (no DTensor or other subclasses), in order.
-    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
+    # The kernel reads raw memory: plain contiguous CPU tensors only (no DTensor or other subclass),
+    # floats in the parameter's dtype (state left behind by a later model.to(...) is not), counters int8/int16.
+    plain = all(
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.is_contiguous()
+        and t.device.type == "cpu"
+        and t.dtype in (param.dtype, torch.int8, torch.int16)
+        for t in tensors
+    )
     fused_ok = supported and plain
     if fused:
         if not fused_ok:
-            problem = f"{param.dtype} on {param.device}" if not supported else "a non-contiguous or subclass tensor"
+            problem = (f"{param.dtype} on {param.device}" if not supported
+                       else "a non-contiguous, subclass, non-CPU or other-dtype gradient or state tensor")
             raise RuntimeError(
                 "fused=True needs plain contiguous CPU parameters, gradients and state of dtype float32 or "
                 f"bfloat16; got {problem}"
