@@ -172,7 +172,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, th
     count_threshold = int(window_size * threshold)
     grad_signs = torch._foreach_sign(clean)  # 0 where the gradient is not finite
     history = exp_avgs if exp_avgs else sign_counts
-    update = [torch.where(s.abs() > count_threshold, h.sign().to(gs.dtype), gs)
+    update = [torch.where(s.abs() > count_threshold, h.sign(), gs)  # promotes an int8/int16 sign to float
               for s, h, gs in zip(sign_counts, history, grad_signs)]
     _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
     if exp_avgs:
