@@ -66,3 +66,65 @@ def test_step_marks_parameters_modified_for_autograd(path):
     Simba([p], lr=0.1, **path).step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_non_contiguous_gradient_takes_the_torch_path():
+    """The fused kernel reads raw memory in order, so a transposed gradient must not reach it."""
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    grad = torch.arange(12.0).reshape(4, 3).t() - 5.5  # non-contiguous, no zeros
+    p.grad = grad
+    Lion([p], lr=1.0).step()  # default path
+    assert torch.equal(p.detach(), -grad.sign())
+    q = torch.nn.Parameter(torch.zeros(3, 4))
+    q.grad = grad
+    if _cpu_kernels.load(required=False) is not None:
+        with pytest.raises(RuntimeError, match="fused=True needs plain contiguous CPU parameters.*non-contiguous"):
+            Lion([q], lr=1.0, fused=True).step()
+
+
+def test_tensor_subclass_takes_the_torch_path():
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = torch.zeros(4).as_subclass(Tagged)
+    assert _functional.select_impl([tagged], None, None) == "foreach"
+    fused = "fused" if _cpu_kernels.load(required=False) is not None else "foreach"
+    assert _functional.select_impl([torch.nn.Parameter(torch.zeros(4))], None, None) == fused
+
+
+@pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
+def test_compiler_without_openmp_gives_single_threaded_kernels(fresh_kernels, monkeypatch):
+    real_compile = _cpu_kernels._compile
+
+    def compile_without_openmp(compiler, flags, target):
+        if "-fopenmp" in flags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        real_compile(compiler, flags, target)
+
+    monkeypatch.setattr(_cpu_kernels, "_compile", compile_without_openmp)
+    with mock.patch.object(_cpu_kernels.logger, "warning") as warning:
+        assert _cpu_kernels.load(required=True) is not None
+    assert "no OpenMP" in warning.call_args[0][0]
+    results = []
+    for path in (dict(fused=True), dict(foreach=True)):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(50_000, generator=gen))
+        opt = Lion([p], lr=0.01, weight_decay=0.1, **path)
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_state_left_in_another_dtype_takes_the_torch_path():
+    """After model.to(bfloat16), float32 state must not be read as bfloat16 by the kernel."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = Lion([p], lr=0.5)
+    p.grad = torch.ones(4)
+    opt.step()
+    p.data = p.data.to(torch.bfloat16)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"]], None, None) == "foreach"
+    fused = "fused" if _cpu_kernels.load(required=False) is not None else "foreach"
+    assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"].bfloat16()], None, None) == fused

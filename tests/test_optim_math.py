@@ -202,11 +202,11 @@ def test_bfloat16_parameters_track_reference(name, path):
         for p, ref in zip(params, ref_states[ref_name]):
             if key in opt.state[p]:
                 value = opt.state[p][key]
-                assert value.dtype == (torch.bfloat16 if key != "sign_counts" else Simba_counts_dtype(opt, p))
+                assert value.dtype == (torch.bfloat16 if key != "sign_counts" else simba_counts_dtype(opt, p))
                 torch.testing.assert_close(value.double(), ref, rtol=2**-6, atol=2**-8)
 
 
-def Simba_counts_dtype(opt, p):
+def simba_counts_dtype(opt, p):
     window = next(g["window_size"] for g in opt.param_groups if any(p is q for q in g["params"]))
     return torch.int8 if window <= 127 else torch.int16
 
@@ -214,7 +214,7 @@ def Simba_counts_dtype(opt, p):
 @pytest.mark.skipif(not fused_available(), reason="no C++ compiler for the fused CPU kernel")
 @pytest.mark.parametrize("name", CASES)
 def test_fused_multithreaded_matches_foreach_on_large_tensors(name):
-    """Tensors above the kernel's parallel threshold, split over 2 OpenMP threads."""
+    """Tensors above the kernel's parallel threshold, split over 2 OpenMP threads, with NaNs in both shares."""
     cls, groups, _, _ = CASES[name]
     hp = {k: v for k, v in groups[0].items()}
     threads = torch.get_num_threads()
@@ -223,12 +223,14 @@ def test_fused_multithreaded_matches_foreach_on_large_tensors(name):
         results = []
         for path in (dict(fused=True), dict(foreach=True)):
             gen = torch.Generator().manual_seed(3)
-            params = [torch.nn.Parameter(torch.randn(70_001, generator=gen)), torch.nn.Parameter(torch.randn(513, generator=gen))]
+            params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (70_001, 513)]
             opt = cls(params, **hp, **path)
             for _ in range(5):
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen) + 0.5
+                params[0].grad[[7, 50_000]] = float("nan")  # one in each thread's share
                 opt.step()
+            assert opt.nonfinite_grad_count() == 10
             results.append((params, opt))
         (fused_params, fused_opt), (ref_params, ref_opt) = results
         for p, q in zip(fused_params, ref_params):
@@ -249,7 +251,7 @@ def test_default_path_selection():
     assert _functional.select_impl(cpu32, True, None) == "foreach"
     assert _functional.select_impl(cpu32, False, None) == "single_tensor"
     assert _functional.select_impl(cpu32, None, False) == "foreach"
-    with pytest.raises(RuntimeError, match="fused=True needs contiguous CPU parameters of dtype float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="fused=True needs plain contiguous CPU parameters.*float64"):
         _functional.select_impl([torch.zeros(4, dtype=torch.float64)], None, True)
 
 

@@ -75,3 +75,21 @@ def test_state_dict_round_trip(name, dtype, path, tmp_path):
         for key in state_dtypes:
             assert torch.equal(opt.state[p][key], resumed.state[q][key])
             assert resumed.state[q][key].dtype == opt.state[p][key].dtype
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_simba_window_change_keeps_counts_in_range_and_dtype(path):
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = Simba([p], lr=0.0, window_size=100, threshold=0.5, **path)
+    p.grad = torch.tensor([1.0, -1.0, 1.0, 0.0])
+    for _ in range(90):
+        opt.step()
+    assert opt.state[p]["sign_counts"].tolist() == [90, -90, 90, 0]
+    opt.param_groups[0]["window_size"] = 1000  # int8 -> int16, values kept
+    opt.step()
+    assert opt.state[p]["sign_counts"].dtype == torch.int16
+    assert opt.state[p]["sign_counts"].tolist() == [91, -91, 91, 0]
+    opt.param_groups[0]["window_size"] = 50  # int16 -> int8, clamped to the new window
+    opt.step()
+    assert opt.state[p]["sign_counts"].dtype == torch.int8
+    assert opt.state[p]["sign_counts"].tolist() == [50, -50, 50, 0]

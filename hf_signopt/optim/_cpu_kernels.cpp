@@ -9,7 +9,9 @@
 //
 // Built on first use by hf_signopt/optim/_cpu_kernels.py; the exported C symbols are declared there.
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -21,6 +23,7 @@ namespace {
 
 constexpr int64_t kParallelMinElements = 1 << 15;
 constexpr int64_t kChunkAlign = 64;  // elements; keeps chunk borders on cache lines for 1-byte state
+constexpr int64_t kBlock = 1 << 20;  // elements per kernel call, so per-call skip counts fit in int32
 
 struct F32 {
     using storage = float;
@@ -52,7 +55,8 @@ inline bool is_finite(float x) {
 
 inline float sign_of(float x) { return static_cast<float>((x > 0.0f) - (x < 0.0f)); }
 
-// Calls chunk(t, begin, end) -> skipped count for this thread's share of every tensor t.
+// Calls chunk(t, begin, end) -> skipped count over this thread's share of every tensor t, in blocks of
+// at most kBlock elements (the kernels count in int32, which keeps their loops in 32-bit lanes).
 template <class Chunk>
 int64_t parallel_chunks(int64_t n, const int64_t* numel, Chunk chunk) {
     int64_t total = 0;
@@ -60,11 +64,15 @@ int64_t parallel_chunks(int64_t n, const int64_t* numel, Chunk chunk) {
     int64_t bad = 0;
 #pragma omp parallel if (total >= kParallelMinElements) reduction(+ : bad)
     {
+#ifdef _OPENMP
         const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t threads = 1, id = 0;
+#endif
         for (int64_t t = 0; t < n; ++t) {
             const int64_t share = ((numel[t] + threads - 1) / threads + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
             const int64_t begin = std::min(numel[t], share * id), end = std::min(numel[t], begin + share);
-            if (begin < end) bad += chunk(t, begin, end);
+            for (int64_t b = begin; b < end; b += kBlock) bad += chunk(t, b, std::min(end, b + kBlock));
         }
     }
     return bad;
@@ -72,10 +80,10 @@ int64_t parallel_chunks(int64_t n, const int64_t* numel, Chunk chunk) {
 
 // Lion: c = b1*m + (1-b1)*g; p <- p*decay - lr*sign(c); m <- b2*m + (1-b2)*g.
 template <class C, class S = typename C::storage>
-HFSO_NOINLINE int64_t lion_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m, float lr,
+HFSO_NOINLINE int32_t lion_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m, float lr,
                                  float decay, float b1, float b2) {
     const float omb1 = 1.0f - b1, omb2 = 1.0f - b2;
-    int64_t bad = 0;
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i], m_raw = m[i];
         const float gv = C::load(g[i]), pv = C::load(p_raw), mv = C::load(m_raw);
@@ -91,10 +99,10 @@ HFSO_NOINLINE int64_t lion_chunk(int64_t len, S* __restrict p, const S* __restri
 
 // Signum: m <- mu*m + (1-mu)*g; p <- p*decay - lr*sign(m).
 template <class C, class S = typename C::storage>
-HFSO_NOINLINE int64_t signum_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m, float lr,
+HFSO_NOINLINE int32_t signum_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m, float lr,
                                    float decay, float mu) {
     const float omm = 1.0f - mu;
-    int64_t bad = 0;
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i], m_raw = m[i];
         const float gv = C::load(g[i]), pv = C::load(p_raw), mv = C::load(m_raw);
@@ -110,8 +118,8 @@ HFSO_NOINLINE int64_t signum_chunk(int64_t len, S* __restrict p, const S* __rest
 
 // signSGD: p <- p*decay - lr*sign(g).
 template <class C, class S = typename C::storage>
-HFSO_NOINLINE int64_t signsgd_chunk(int64_t len, S* __restrict p, const S* __restrict g, float lr, float decay) {
-    int64_t bad = 0;
+HFSO_NOINLINE int32_t signsgd_chunk(int64_t len, S* __restrict p, const S* __restrict g, float lr, float decay) {
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i];
         const float gv = C::load(g[i]), pv = C::load(p_raw);
@@ -125,10 +133,10 @@ HFSO_NOINLINE int64_t signsgd_chunk(int64_t len, S* __restrict p, const S* __res
 
 // SignMomentum: m <- mu*m + (1-mu)*sign(g); p <- p*decay - lr*m.
 template <class C, class S = typename C::storage>
-HFSO_NOINLINE int64_t sign_momentum_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m,
+HFSO_NOINLINE int32_t sign_momentum_chunk(int64_t len, S* __restrict p, const S* __restrict g, S* __restrict m,
                                           float lr, float decay, float mu) {
     const float omm = 1.0f - mu;
-    int64_t bad = 0;
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i], m_raw = m[i];
         const float gv = C::load(g[i]), pv = C::load(p_raw), mv = C::load(m_raw);
@@ -145,9 +153,9 @@ HFSO_NOINLINE int64_t sign_momentum_chunk(int64_t len, S* __restrict p, const S*
 // Simba, counts: u = sign(s) if |s| > threshold else sign(g); p <- p*decay - lr*u;
 // s <- clamp(s + sign(g), -w, w).
 template <class C, class I, class S = typename C::storage>
-HFSO_NOINLINE int64_t simba_counts_chunk(int64_t len, S* __restrict p, const S* __restrict g, I* __restrict s,
+HFSO_NOINLINE int32_t simba_counts_chunk(int64_t len, S* __restrict p, const S* __restrict g, I* __restrict s,
                                          float lr, float decay, int32_t threshold, int32_t window) {
-    int64_t bad = 0;
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i];
         const I s_raw = s[i];
@@ -167,11 +175,11 @@ HFSO_NOINLINE int64_t simba_counts_chunk(int64_t len, S* __restrict p, const S* 
 // Simba, ema: u = sign(m) if |s| > threshold else sign(g); p <- p*decay - lr*u;
 // m <- beta*m + (1-beta)*g; s <- clamp(s + sign(g), -w, w).
 template <class C, class I, class S = typename C::storage>
-HFSO_NOINLINE int64_t simba_ema_chunk(int64_t len, S* __restrict p, const S* __restrict g, I* __restrict s,
+HFSO_NOINLINE int32_t simba_ema_chunk(int64_t len, S* __restrict p, const S* __restrict g, I* __restrict s,
                                       S* __restrict m, float lr, float decay, int32_t threshold, int32_t window,
                                       float beta) {
     const float omb = 1.0f - beta;
-    int64_t bad = 0;
+    int32_t bad = 0;
     for (int64_t i = 0; i < len; ++i) {
         const S p_raw = p[i], m_raw = m[i];
         const I s_raw = s[i];

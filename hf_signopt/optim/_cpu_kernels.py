@@ -7,8 +7,9 @@ named by a hash of the source, flags and compiler. Compiling takes about a secon
 and no ninja are involved. The library links ``libgomp.so.1``, which resolves to the OpenMP runtime
 torch has already loaded, so the kernels use torch's thread count (`torch.set_num_threads`).
 
-If no compiler is found or compiling fails, `load(required=False)` logs one warning and returns
-None, and the optimizers use their torch ``foreach`` path instead.
+A compiler without OpenMP (e.g. Apple clang) gets single-threaded kernels, with a warning. If no
+compiler is found or compiling fails, `load(required=False)` logs one warning and returns None,
+and the optimizers use their torch ``foreach`` path instead.
 """
 
 import ctypes
@@ -36,8 +37,8 @@ _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
 
-def _compile_flags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-trapping-math"]
+def _compile_flags(openmp: bool) -> list[str]:
+    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-trapping-math"] + (["-fopenmp"] if openmp else [])
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
@@ -48,27 +49,43 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
 
-def _build(compiler: str) -> Path:
-    flags = _compile_flags()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    target = cache / f"hf_signopt_kernels_{digest}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
+def _compile(compiler: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name and rename: concurrent processes never see a half-written library.
-    handle, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so", dir=cache)
+    handle, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed:\n{result.stderr.strip()}")
+            raise RuntimeError(f"{compiler} {' '.join(flags)} failed:\n{result.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+
+
+def _build(compiler: str) -> Path:
+    """Return the cached library, compiling it if needed: with OpenMP, else single-threaded."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    variants = []
+    for openmp in (True, False):
+        flags = _compile_flags(openmp)
+        digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
+        variants.append((flags, _cache_dir() / f"hf_signopt_kernels_{digest}.so"))
+    for _, target in variants:
+        if target.exists():
+            return target
+    errors = []
+    for flags, target in variants:
+        try:
+            _compile(compiler, flags, target)
+        except RuntimeError as error:
+            errors.append(str(error))
+            continue
+        if "-fopenmp" not in flags:
+            logger.warning("hf_signopt: the compiler has no OpenMP; fused CPU kernels run single-threaded")
+        return target
+    raise RuntimeError("\n".join(errors))
 
 
 def _declare(library: ctypes.CDLL) -> None:

@@ -3,9 +3,11 @@
 Each `*_step` function updates parameters and optimizer state in place for tensors that share one
 device and dtype. Three implementations compute the same formulas:
 
-* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32,
-  bfloat16 and float16 parameters); see `hf_signopt.optim._cpu_kernels`.
+* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32
+  and bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
 * ``"foreach"``: torch tensor operations batched over the whole list (any device, any float dtype).
+  This is the CUDA path; the project's tests run it on CPU only (no GPU was available to verify a
+  fused CUDA kernel, so none is provided).
 * ``"single_tensor"``: the same torch operations applied one tensor at a time (lowest peak memory).
 
 `select_impl` is the one place that chooses between them.
@@ -51,16 +53,24 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
         RuntimeError: ``fused=True`` was requested where the fused kernel does not apply.
     """
     param = tensors[0]
-    fused_ok = (
-        param.device.type == "cpu"
-        and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
-        and all(t.is_contiguous() for t in tensors)
+    supported = param.device.type == "cpu" and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
+    # The kernel reads raw memory: plain contiguous CPU tensors only (no DTensor or other subclass),
+    # floats in the parameter's dtype (state left behind by a later model.to(...) is not), counters int8/int16.
+    plain = all(
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.is_contiguous()
+        and t.device.type == "cpu"
+        and t.dtype in (param.dtype, torch.int8, torch.int16)
+        for t in tensors
     )
+    fused_ok = supported and plain
     if fused:
         if not fused_ok:
+            problem = (f"{param.dtype} on {param.device}" if not supported
+                       else "a non-contiguous, subclass, non-CPU or other-dtype gradient or state tensor")
             raise RuntimeError(
-                "fused=True needs contiguous CPU parameters of dtype float32 or bfloat16; "
-                f"got {param.dtype} on {param.device}"
+                "fused=True needs plain contiguous CPU parameters, gradients and state of dtype float32 or "
+                f"bfloat16; got {problem}"
             )
         _cpu_kernels.load(required=True)
         return "fused"
@@ -162,7 +172,7 @@ def _torch_simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, th
     count_threshold = int(window_size * threshold)
     grad_signs = torch._foreach_sign(clean)  # 0 where the gradient is not finite
     history = exp_avgs if exp_avgs else sign_counts
-    update = [torch.where(s.abs() > count_threshold, h.sign().to(gs.dtype), gs)
+    update = [torch.where(s.abs() > count_threshold, h.sign(), gs)  # promotes an int8/int16 sign to float
               for s, h, gs in zip(sign_counts, history, grad_signs)]
     _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
     if exp_avgs:
