@@ -4,6 +4,8 @@ After registration `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and the tas
 `model_type="lossfree_moe"` without `trust_remote_code`, and `lossfree_moe` checkpoints use Mixtral's key
 conversion (transformers saves Mixtral experts under their Hub names `block_sparse_moe.experts.N.w1/w2/w3` and
 merges them into `mlp.experts.gate_up_proj/down_proj` on load), so a Mixtral checkpoint loads into our model.
+`Trainer` reloads checkpoints with a plain `load_state_dict`, which skips this mapping; `LossFreeMoeDecoderLayer`
+converts the same Hub names there itself.
 """
 
 from transformers import (
