@@ -153,30 +153,28 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(mask)
 
 
-def _finite_mask(grads: Tensors, ws: _Workspace) -> Tensors:
-    """1.0 where the gradient element is finite, 0.0 where it is NaN or +-inf (g * 0 is NaN exactly there)."""
-    finite = ws.like("finite", grads, grads[0].dtype)
-    for f, g in zip(finite, grads):
-        torch.eq(torch.mul(g, 0, out=f), 0, out=f)
-    return finite
+def _clean(grads: Tensors, ws: _Workspace) -> tuple[Tensors, Tensors]:
+    """The gradients with non-finite elements replaced by 0, and the 0/1 mask of the finite ones.
+
+    The mask is ``clean == g``, false exactly where g is NaN or +-inf.
+    """
+    dtype = grads[0].dtype
+    clean, finite = ws.like("clean", grads, dtype), ws.like("finite", grads, dtype)
+    for c, f, g in zip(clean, finite, grads):
+        torch.eq(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=c), g, out=f)
+    return clean, finite
 
 
-def _clean(grads: Tensors, ws: _Workspace, slot: str = "grad") -> Tensors:
-    """The gradients with non-finite elements replaced by 0."""
-    clean = ws.like(slot, grads, grads[0].dtype)
-    for c, g in zip(clean, grads):
-        torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=c)
-    return clean
-
-
-def _or_state(values: Tensors, state: Tensors, finite: Tensors) -> Tensors:
-    """values <- values where finite, state elsewhere (in place), so a lerp toward them leaves state unchanged.
+def _or_state(values: Tensors, state: Tensors, finite: Tensors, out: Tensors | None = None) -> Tensors:
+    """values where finite, state elsewhere (into `out`, default in place), so that a lerp of the state
+    toward the result leaves it unchanged where the gradient was not finite.
 
     lerp(state, values, 1) = values and lerp(state, values, 0) = state, exactly.
     """
-    for v, s, f in zip(values, state, finite):
-        torch.lerp(s, v, f, out=v)
-    return values
+    out = values if out is None else out
+    for o, v, s, f in zip(out, values, state, finite):
+        torch.lerp(s, v, f, out=o)
+    return out
 
 
 def _update_params_(params: Tensors, update: Tensors, finite: Tensors, ws: _Workspace, *, lr: float,
@@ -190,53 +188,46 @@ def _update_params_(params: Tensors, update: Tensors, finite: Tensors, ws: _Work
     torch._foreach_addcmul_(params, update, finite, value=-lr)
 
 
-def _lion(params, grads, exp_avgs, *, finite, ws, lr, beta1, beta2, weight_decay):
-    grads = _or_state(_clean(grads, ws), exp_avgs, finite)
+def _lion(params, clean, exp_avgs, *, finite, ws, lr, beta1, beta2, weight_decay):
+    target = _or_state(clean, exp_avgs, finite)
     update = ws.like("update", params, params[0].dtype)
-    for u, m, g in zip(update, exp_avgs, grads):
+    for u, m, g in zip(update, exp_avgs, target):
         torch.lerp(m, g, 1.0 - beta1, out=u)
     torch._foreach_sign_(update)
     _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
+    torch._foreach_lerp_(exp_avgs, target, 1.0 - beta2)
 
 
-def _signum(params, grads, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
-    grads = _or_state(_clean(grads, ws), momentum_buffers, finite)
-    torch._foreach_lerp_(momentum_buffers, grads, 1.0 - momentum)
+def _signum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
+    torch._foreach_lerp_(momentum_buffers, _or_state(clean, momentum_buffers, finite), 1.0 - momentum)
     update = ws.like("update", params, params[0].dtype)
     for u, m in zip(update, momentum_buffers):
         torch.sign(m, out=u)
     _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
 
 
-def _signsgd(params, grads, *, finite, ws, lr, weight_decay):
-    update = _clean(grads, ws)
-    torch._foreach_sign_(update)
-    _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
+def _signsgd(params, clean, *, finite, ws, lr, weight_decay):
+    torch._foreach_sign_(clean)
+    _update_params_(params, clean, finite, ws, lr=lr, weight_decay=weight_decay)
 
 
-def _sign_momentum(params, grads, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
-    signs = _clean(grads, ws)
-    torch._foreach_sign_(signs)
-    torch._foreach_lerp_(momentum_buffers, _or_state(signs, momentum_buffers, finite), 1.0 - momentum)
+def _sign_momentum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
+    torch._foreach_sign_(clean)
+    torch._foreach_lerp_(momentum_buffers, _or_state(clean, momentum_buffers, finite), 1.0 - momentum)
     _update_params_(params, momentum_buffers, finite, ws, lr=lr, weight_decay=weight_decay)
 
 
-def _simba(params, grads, sign_counts, exp_avgs=(), *, finite, ws, lr, window_size, threshold, weight_decay,
+def _simba(params, clean, sign_counts, exp_avgs=(), *, finite, ws, lr, window_size, threshold, weight_decay,
            beta):
     dtype = params[0].dtype
-    clean = _clean(grads, ws)
     if exp_avgs:
-        ema_target = ws.like("ema_target", params, dtype)
-        torch._foreach_copy_(ema_target, clean)
-        _or_state(ema_target, exp_avgs, finite)
+        ema_target = _or_state(clean, exp_avgs, finite, out=ws.like("ema_target", params, dtype))
     grad_signs = clean
     torch._foreach_sign_(grad_signs)  # 0 where the gradient is not finite
-    counts = ws.like("counts", params, dtype)  # integer counts held exactly in floats (|s| <= 32767)
+    counts = ws.like("counts", params, dtype)  # integer counts, exact in floats (|s| <= 32767)
     torch._foreach_copy_(counts, sign_counts)
     # u = sign(h) where |s| > int(w * threshold), else sign(g); the 0/1 lerp weight selects exactly.
-    trust = ws.like("trust", params, dtype)
-    update = ws.like("update", params, dtype)
+    trust, update = ws.like("trust", params, dtype), ws.like("update", params, dtype)
     for t, u, s, h, gs in zip(trust, update, counts, exp_avgs or counts, grad_signs):
         torch.gt(torch.abs(s, out=t), int(window_size * threshold), out=t)
         torch.lerp(gs, torch.sign(h, out=u), t, out=u)
@@ -251,11 +242,12 @@ def _simba(params, grads, sign_counts, exp_avgs=(), *, finite, ws, lr, window_si
 
 
 def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: torch.Tensor, **hyper) -> None:
-    """Run `kernel(params, grads, *state, finite=, ws=, **hyper)` chunk by chunk.
+    """Run `kernel(params, clean_grads, *state, finite=, ws=, **hyper)` chunk by chunk.
 
     Floating-point tensors not in the work dtype (the parameter dtype, or float32 for 16-bit
-    parameters) are computed on work copies and rounded back once. The kernel gets `finite`, the 0/1
-    mask of finite gradient elements, and must leave parameters and state unchanged where it is 0.
+    parameters) are computed on work copies and rounded back once. The kernel gets the gradients
+    with non-finite elements zeroed (a work buffer it may overwrite) and `finite`, the 0/1 mask of
+    finite gradient elements; it must leave parameters and state unchanged where the mask is 0.
     """
     param = lists[0][0]
     limit = CPU_CHUNK_NUMEL if param.device.type == "cpu" else None
@@ -272,7 +264,7 @@ def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: t
                 work.append(copies)
             else:
                 work.append(tensors)
-        finite = _finite_mask(work[1], ws)
+        work[1], finite = _clean(work[1], ws)
         numel = sum(t.numel() for t in finite)
         finite_counts.append(_count(ws.flat("finite", work_dtype)[:numel]))
         total += numel
