@@ -84,26 +84,25 @@ def new_nonfinite_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-# The torch paths work through the tensors in chunks of about this many elements on CPU, so that a
-# chunk's parameters, gradients, state and work buffers (about 1 MiB each in float32) stay in cache
-# across the dozen elementwise passes of a step; only the first read and the final write of each
-# element reach main memory. Other devices take the whole list as one chunk (fewest kernel launches).
+# The torch paths work through the tensors in chunks of about this many elements. On CPU, a chunk's
+# parameters, gradients, state and work buffers (1 MiB each in float32) stay in cache across the
+# dozen elementwise passes of a step, so only the first read and the last write of an element reach
+# main memory. On other devices the chunks are large (few kernel launches); they bound the work
+# buffers' memory (a few times 128 MiB) whatever the model size.
 CPU_CHUNK_NUMEL = 2**18
+DEVICE_CHUNK_NUMEL = 2**25
 
 
 def _splittable(tensors: tuple[torch.Tensor, ...]) -> bool:
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
 
 
-def _chunks(lists: tuple[Tensors, ...], limit: int | None) -> Iterator[tuple[Tensors, ...]]:
-    """Regroup aligned tensor lists into chunks of at most `limit` elements (None: one chunk).
+def _chunks(lists: tuple[Tensors, ...], limit: int) -> Iterator[tuple[Tensors, ...]]:
+    """Regroup aligned tensor lists into chunks of at most `limit` elements.
 
     Plain contiguous tensors larger than `limit` are cut into flat views; other tensors (strided,
     subclasses) stay whole and may exceed it. Views share their base's storage and version counter.
     """
-    if limit is None:
-        yield lists
-        return
     chunk: tuple[Tensors, ...] = tuple([] for _ in lists)
     size = 0
     for tensors in zip(*lists):
@@ -250,8 +249,10 @@ def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: t
     finite gradient elements; it must leave parameters and state unchanged where the mask is 0.
     """
     param = lists[0][0]
-    limit = CPU_CHUNK_NUMEL if param.device.type == "cpu" else None
+    limit = CPU_CHUNK_NUMEL if param.device.type == "cpu" else DEVICE_CHUNK_NUMEL
     chunks = list(_chunks(lists, limit))
+    if not chunks:  # only empty tensors
+        return
     ws = _Workspace(max(sum(t.numel() for t in chunk[0]) for chunk in chunks), param.device)
     work_dtype = torch.float32 if param.dtype.itemsize < 4 else param.dtype
     finite_counts, total = [], 0
