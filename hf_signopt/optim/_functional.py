@@ -235,8 +235,8 @@ def _simba(params, clean, sign_counts, exp_avgs=(), *, finite, ws, lr, window_si
         torch._foreach_lerp_(exp_avgs, ema_target, 1.0 - beta)
     # Saturating s <- clamp(s + sign(g), -w, w); sign(g) is 0 where g is not finite.
     torch._foreach_add_(counts, grad_signs)
-    torch._foreach_clamp_min_(counts, -window_size)
-    torch._foreach_clamp_max_(counts, window_size)
+    for c in counts:
+        c.clamp_(-window_size, window_size)
     torch._foreach_copy_(sign_counts, counts)
 
 
