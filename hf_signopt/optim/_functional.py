@@ -176,14 +176,17 @@ def _or_state(values: Tensors, state: Tensors, finite: Tensors, out: Tensors | N
     return out
 
 
-def _update_params_(params: Tensors, update: Tensors, finite: Tensors, ws: _Workspace, *, lr: float,
-                    weight_decay: float) -> None:
-    """p <- p - lr * (u + wd * p) = p * (1 - lr * wd) - lr * u where finite, p unchanged elsewhere."""
+def _update_params_(params: Tensors, update: Tensors, finite: Tensors, *, lr: float, weight_decay: float,
+                    scratch: Tensors | None = None) -> None:
+    """p <- p - lr * (u + wd * p) = p * (1 - lr * wd) - lr * u where finite, p unchanged elsewhere.
+
+    With weight decay, ``u + wd * p`` is formed in `scratch` (default: in `update` itself).
+    """
     if weight_decay != 0.0:
-        decayed = ws.like("decayed", params, params[0].dtype)
-        for d, u, p in zip(decayed, update, params):
+        scratch = update if scratch is None else scratch
+        for d, u, p in zip(scratch, update, params):
             torch.add(u, p, alpha=weight_decay, out=d)
-        update = decayed
+        update = scratch
     torch._foreach_addcmul_(params, update, finite, value=-lr)
 
 
@@ -193,7 +196,7 @@ def _lion(params, clean, exp_avgs, *, finite, ws, lr, beta1, beta2, weight_decay
     for u, m, g in zip(update, exp_avgs, target):
         torch.lerp(m, g, 1.0 - beta1, out=u)
     torch._foreach_sign_(update)
-    _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
     torch._foreach_lerp_(exp_avgs, target, 1.0 - beta2)
 
 
@@ -202,18 +205,18 @@ def _signum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight
     update = ws.like("update", params, params[0].dtype)
     for u, m in zip(update, momentum_buffers):
         torch.sign(m, out=u)
-    _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
 
 
 def _signsgd(params, clean, *, finite, ws, lr, weight_decay):
     torch._foreach_sign_(clean)
-    _update_params_(params, clean, finite, ws, lr=lr, weight_decay=weight_decay)
+    _update_params_(params, clean, finite, lr=lr, weight_decay=weight_decay)
 
 
 def _sign_momentum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
     torch._foreach_sign_(clean)
     torch._foreach_lerp_(momentum_buffers, _or_state(clean, momentum_buffers, finite), 1.0 - momentum)
-    _update_params_(params, momentum_buffers, finite, ws, lr=lr, weight_decay=weight_decay)
+    _update_params_(params, momentum_buffers, finite, lr=lr, weight_decay=weight_decay, scratch=clean)
 
 
 def _simba(params, clean, sign_counts, exp_avgs=(), *, finite, ws, lr, window_size, threshold, weight_decay,
@@ -225,12 +228,17 @@ def _simba(params, clean, sign_counts, exp_avgs=(), *, finite, ws, lr, window_si
     torch._foreach_sign_(grad_signs)  # 0 where the gradient is not finite
     counts = ws.like("counts", params, dtype)  # integer counts, exact in floats (|s| <= 32767)
     torch._foreach_copy_(counts, sign_counts)
-    # u = sign(h) where |s| > int(w * threshold), else sign(g); the 0/1 lerp weight selects exactly.
-    trust, update = ws.like("trust", params, dtype), ws.like("update", params, dtype)
-    for t, u, s, h, gs in zip(trust, update, counts, exp_avgs or counts, grad_signs):
-        torch.gt(torch.abs(s, out=t), int(window_size * threshold), out=t)
-        torch.lerp(gs, torch.sign(h, out=u), t, out=u)
-    _update_params_(params, update, finite, ws, lr=lr, weight_decay=weight_decay)
+    # u = sign(h) where |s| > k = int(w * threshold), else sign(g).
+    k, update = int(window_size * threshold), ws.like("update", params, dtype)
+    if exp_avgs:  # the 0/1 lerp weight |s| > k selects exactly
+        trust = ws.like("trust", params, dtype)
+        for t, u, s, m, gs in zip(trust, update, sign_counts, exp_avgs, grad_signs):
+            torch.gt(torch.abs(s), k, out=t)
+            torch.lerp(gs, torch.sign(m, out=u), t, out=u)
+    else:  # hardshrink(s, k) is s where |s| > k, else 0; |2s| >= 2 outweighs |sign(g)| <= 1
+        for u, s, gs in zip(update, counts, grad_signs):
+            torch.add(gs, torch.hardshrink(s, k, out=u), alpha=2, out=u).sign_()
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
     if exp_avgs:
         torch._foreach_lerp_(exp_avgs, ema_target, 1.0 - beta)
     # Saturating s <- clamp(s + sign(g), -w, w); sign(g) is 0 where g is not finite.
