@@ -5,16 +5,19 @@ device and dtype. Three implementations compute the same formulas:
 
 * ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32
   and bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
-* ``"foreach"``: torch tensor operations batched over the whole list (any device, any float dtype).
-  This is the CUDA path; the project's tests run it on CPU only (no GPU was available to verify a
-  fused CUDA kernel, so none is provided).
-* ``"single_tensor"``: the same torch operations applied one tensor at a time (lowest peak memory).
+* ``"foreach"``: torch tensor operations (batched ``torch._foreach_*`` ops where torch has them)
+  over the whole list, taken in chunks that bound the work buffers and, on CPU, fit in cache (any
+  device, any float dtype). This is the CUDA path; the project's tests run it on CPU only (no GPU
+  was available to verify a fused CUDA kernel, so none is provided).
+* ``"single_tensor"``: the same torch operations applied one tensor at a time.
 
 `select_impl` is the one place that chooses between them.
 
 Non-finite gradient elements (NaN, +-inf) leave their parameter element and every state element
 unchanged (weight decay included), and their number is added to the device-side int64 tensor
-``nonfinite_count`` without any host-device synchronisation.
+``nonfinite_count`` without any host-device synchronisation. The torch paths do this with float
+arithmetic, not branches: a 0/1 mask of the finite elements multiplies the parameter update, and
+state is lerped toward a target that equals the state itself where the gradient was not finite.
 """
 
 from collections.abc import Callable, Iterator
@@ -275,7 +278,7 @@ def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: t
                 work.append(tensors)
         work[1], finite = _clean(work[1], ws)
         numel = sum(t.numel() for t in finite)
-        finite_counts.append(_count(ws.flat("finite", work_dtype)[:numel]))
+        finite_counts.append(_count(ws.flat("finite", work_dtype)[:numel]))  # the chunk's masks, end to end
         total += numel
         kernel(*work, finite=finite, ws=ws, **hyper)
         for i, (tensors, copies) in enumerate(zip(chunk, work)):
