@@ -131,6 +131,7 @@ class _Workspace:
     def __init__(self, numel: int, device: torch.device) -> None:
         self.numel, self.device = numel, device
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.dtype, tuple[torch.Size, ...]], Tensors] = {}
 
     def flat(self, slot: str, dtype: torch.dtype) -> torch.Tensor:
         """The whole buffer named `slot` of `dtype` (allocated on first use)."""
@@ -141,11 +142,14 @@ class _Workspace:
 
     def like(self, slot: str, tensors: Tensors, dtype: torch.dtype) -> Tensors:
         """Consecutive views of buffer `slot`, one per tensor, with the tensors' shapes (contents undefined)."""
-        flat, views, offset = self.flat(slot, dtype), [], 0
-        for t in tensors:
-            views.append(flat[offset:offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        return views
+        key = (slot, dtype, tuple(t.shape for t in tensors))
+        if key not in self._views:  # chunks of equal shapes (the usual case) share their views
+            flat, views, offset = self.flat(slot, dtype), [], 0
+            for t in tensors:
+                views.append(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            self._views[key] = views
+        return self._views[key]
 
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
