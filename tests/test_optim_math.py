@@ -270,3 +270,46 @@ def test_float64_and_float16_parameters_use_torch_path(path):
         # c = 0.1*g -> sign(c) = sign(g); p - 0.5*sign(g)
         assert p.tolist() == [0.5, -2.0, 3.5]
         assert math.isclose(opt.state[p]["exp_avg"][0].item(), 0.005, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_numel", [7, 40], ids=["split", "packed"])
+@pytest.mark.parametrize("path", [PATHS["foreach"], PATHS["single_tensor"]])
+@pytest.mark.parametrize("name", CASES)
+def test_torch_path_in_small_chunks_matches_reference_loop(name, path, chunk_numel, monkeypatch):
+    """Chunks smaller than the tensors (split into flat views) or holding several tensors (packed)."""
+    monkeypatch.setattr(_functional, "CPU_CHUNK_NUMEL", chunk_numel)
+    cls, groups, element, state_map = CASES[name]
+    params, opt, initial, grads = run_optimizer(cls, groups, path)
+    ref_params, ref_states = reference_run(element, groups, initial, grads, list(state_map))
+    for p, ref in zip(params, ref_params):
+        torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    for ref_name, key in state_map.items():
+        for p, ref in zip(params, ref_states[ref_name]):
+            if key in opt.state[p]:
+                torch.testing.assert_close(opt.state[p][key].double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_split_large_tensors_and_pack_small_ones():
+    big, small, strided = torch.zeros(10), torch.zeros(2, 2), torch.zeros(4, 3).t()
+    chunks = list(_functional._chunks(([big, small, strided], [big + 1, small + 1, strided + 1]), 4))
+    sizes = [[t.numel() for t in chunk[0]] for chunk in chunks]
+    assert sizes == [[4], [4], [2], [4], [12]]  # a strided tensor is never split
+    assert chunks[0][0][0].data_ptr() == big.data_ptr() and chunks[1][0][0].data_ptr() == big[4:].data_ptr()
+    assert all(chunk[1][0].shape == chunk[0][0].shape for chunk in chunks)
+    sizes = [[t.numel() for t in chunk[0]] for chunk in _functional._chunks(([small, small, big],), 9)]
+    assert sizes == [[4, 4], [9], [1]]
+
+
+@pytest.mark.parametrize("path", [PATHS["foreach"], PATHS["single_tensor"]])
+@pytest.mark.parametrize("name", CASES)
+def test_empty_parameters_are_left_alone(name, path):
+    cls, groups, _, _ = CASES[name]
+    empty, p = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.ones(3))
+    hp = {k: v for k, v in groups[0].items()}
+    for params in ([empty], [empty, p]):
+        opt = cls(params, **hp, **path)
+        for q in params:
+            q.grad = torch.ones_like(q)
+        opt.step()
+        assert empty.numel() == 0 and opt.nonfinite_grad_count() == 0
+    assert (p < 1).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_signopt import Lion, SignMomentum, Signum, Simba
-from hf_signopt.optim import _base, _cpu_kernels
+from hf_signopt.optim import _base, _cpu_kernels, _functional
 
 CONFIGS = {
     "lion": (Lion, dict(betas=(0.8, 0.95))),
@@ -112,3 +112,11 @@ def test_warning_every_interval_when_the_count_grew(path):
     assert warning.call_count == 2
     assert "skipped 1 non-finite gradient element(s)" in warning.call_args[0][0]
     assert "(3 in total)" in warning.call_args[0][0]
+
+
+@pytest.mark.parametrize("path", PATHS[1:])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_nonfinite_elements_are_skipped_in_small_chunks(name, path, monkeypatch):
+    """Torch path cut into 4-element chunks: bad elements in several chunks, each skipped and counted."""
+    monkeypatch.setattr(_functional, "CPU_CHUNK_NUMEL", 4)
+    test_nonfinite_elements_are_skipped(name, torch.float32, path)

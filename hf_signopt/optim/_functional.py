@@ -5,19 +5,22 @@ device and dtype. Three implementations compute the same formulas:
 
 * ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32
   and bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
-* ``"foreach"``: torch tensor operations batched over the whole list (any device, any float dtype).
-  This is the CUDA path; the project's tests run it on CPU only (no GPU was available to verify a
-  fused CUDA kernel, so none is provided).
-* ``"single_tensor"``: the same torch operations applied one tensor at a time (lowest peak memory).
+* ``"foreach"``: torch tensor operations (batched ``torch._foreach_*`` ops where torch has them)
+  over the whole list, taken in chunks that bound the work buffers and, on CPU, fit in cache (any
+  device, any float dtype). This is the CUDA path; the project's tests run it on CPU only (no GPU
+  was available to verify a fused CUDA kernel, so none is provided).
+* ``"single_tensor"``: the same torch operations applied one tensor at a time.
 
 `select_impl` is the one place that chooses between them.
 
 Non-finite gradient elements (NaN, +-inf) leave their parameter element and every state element
 unchanged (weight decay included), and their number is added to the device-side int64 tensor
-``nonfinite_count`` without any host-device synchronisation.
+``nonfinite_count`` without any host-device synchronisation. The torch paths do this with float
+arithmetic, not branches: a 0/1 mask of the finite elements multiplies the parameter update, and
+state is lerped toward a target that equals the state itself where the gradient was not finite.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -84,6 +87,71 @@ def new_nonfinite_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+# The torch paths work through the tensors in chunks of about this many elements. On CPU, a chunk's
+# parameters, gradients, state and work buffers (1 MiB each in float32) stay in cache across the
+# dozen elementwise passes of a step, so only the first read and the last write of an element reach
+# main memory. On other devices the chunks are large (few kernel launches); they bound the work
+# buffers' memory (a few times 128 MiB) whatever the model size.
+CPU_CHUNK_NUMEL = 2**18
+DEVICE_CHUNK_NUMEL = 2**25
+
+
+def _splittable(tensors: tuple[torch.Tensor, ...]) -> bool:
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
+
+
+def _chunks(lists: tuple[Tensors, ...], limit: int) -> Iterator[tuple[Tensors, ...]]:
+    """Regroup aligned tensor lists into chunks of at most `limit` elements.
+
+    Plain contiguous tensors larger than `limit` are cut into flat views; other tensors (strided,
+    subclasses) stay whole and may exceed it. Views share their base's storage and version counter.
+    """
+    chunk: tuple[Tensors, ...] = tuple([] for _ in lists)
+    size = 0
+    for tensors in zip(*lists):
+        numel = tensors[0].numel()
+        if numel > limit and _splittable(tensors):
+            pieces = zip(*(t.view(-1).split(limit) for t in tensors))
+        else:
+            pieces = [tensors]
+        for piece in pieces:
+            if size and size + piece[0].numel() > limit:
+                yield chunk
+                chunk, size = tuple([] for _ in lists), 0
+            for out, t in zip(chunk, piece):
+                out.append(t)
+            size += piece[0].numel()
+    if size:
+        yield chunk
+
+
+class _Workspace:
+    """Flat work buffers reused from chunk to chunk, handed out as views shaped like a chunk's tensors."""
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self.numel, self.device = numel, device
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.dtype, tuple[torch.Size, ...]], Tensors] = {}
+
+    def flat(self, slot: str, dtype: torch.dtype) -> torch.Tensor:
+        """The whole buffer named `slot` of `dtype` (allocated on first use)."""
+        key = (slot, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(self.numel, dtype=dtype, device=self.device)
+        return self._buffers[key]
+
+    def like(self, slot: str, tensors: Tensors, dtype: torch.dtype) -> Tensors:
+        """Consecutive views of buffer `slot`, one per tensor, with the tensors' shapes (contents undefined)."""
+        key = (slot, dtype, tuple(t.shape for t in tensors))
+        if key not in self._views:  # chunks of equal shapes (the usual case) share their views
+            flat, views, offset = self.flat(slot, dtype), [], 0
+            for t in tensors:
+                views.append(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            self._views[key] = views
+        return self._views[key]
+
+
 def _count(mask: torch.Tensor) -> torch.Tensor:
     """Number of ones in a 0/1 float mask as an int64 scalar tensor (float32 sums are exact to 2**24)."""
     if mask.numel() <= 2**24:
@@ -91,115 +159,153 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(mask)
 
 
-def _clean_grads(grads: Tensors, nonfinite_count: torch.Tensor) -> tuple[Tensors, Tensors]:
-    """Return gradients with non-finite elements zeroed, and 0/1 masks (gradient dtype) of the finite ones.
+def _clean(grads: Tensors, ws: _Workspace) -> tuple[Tensors, Tensors]:
+    """The gradients with non-finite elements replaced by 0, and the 0/1 mask of the finite ones.
 
-    The number of non-finite elements is added to `nonfinite_count` on its device (no sync).
+    The mask is ``clean == g``, false exactly where g is NaN or +-inf.
     """
-    clean = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
-    finite = [torch.eq(c, g, out=torch.empty_like(g)) for c, g in zip(clean, grads)]
-    total = sum(g.numel() for g in grads)
-    nonfinite_count.add_(total - torch.stack([_count(f) for f in finite]).sum())
+    dtype = grads[0].dtype
+    clean, finite = ws.like("clean", grads, dtype), ws.like("finite", grads, dtype)
+    for c, f, g in zip(clean, finite, grads):
+        torch.eq(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0, out=c), g, out=f)
     return clean, finite
 
 
-def _masked_lerp_(targets: Tensors, sources: Tensors, finite: Tensors, weight: float) -> None:
-    """targets <- lerp(targets, sources, weight) where the gradient is finite, unchanged elsewhere.
+def _or_state(values: Tensors, state: Tensors, finite: Tensors, out: Tensors | None = None) -> Tensors:
+    """values where finite, state elsewhere (into `out`, default in place), so that a lerp of the state
+    toward the result leaves it unchanged where the gradient was not finite.
 
-    The 0/1 masks are scaled to 0/weight in place and restored afterwards (exactly: w / w == 1).
-    Low-precision targets are computed in float32 and rounded once, like the fused kernel.
+    lerp(state, values, 1) = values and lerp(state, values, 0) = state, exactly.
     """
-    if targets[0].dtype.itemsize < 4:
-        work = [t.float() for t in targets]
-        weights = [f.float().mul_(weight) for f in finite]
-        torch._foreach_lerp_(work, [s.float() for s in sources], weights)
-        torch._foreach_copy_(targets, work)
-        return
-    torch._foreach_mul_(finite, weight)
-    torch._foreach_lerp_(targets, sources, finite)
-    torch._foreach_div_(finite, weight)
+    out = values if out is None else out
+    for o, v, s, f in zip(out, values, state, finite):
+        torch.lerp(s, v, f, out=o)
+    return out
 
 
-def _apply_update_(params: Tensors, finite: Tensors, update: Tensors, lr: float, weight_decay: float,
-                   update_is_scratch: bool) -> None:
-    """p <- p - lr * (u + wd * p) where the gradient is finite; p unchanged elsewhere.
+def _update_params_(params: Tensors, update: Tensors, finite: Tensors, *, lr: float, weight_decay: float,
+                    scratch: Tensors | None = None) -> None:
+    """p <- p - lr * (u + wd * p) = p * (1 - lr * wd) - lr * u where finite, p unchanged elsewhere.
 
-    This is ``p * (1 - lr * wd) - lr * u`` (decoupled decay first). Low-precision parameters are
-    computed in float32 and rounded once, like the fused kernel.
+    With weight decay, ``u + wd * p`` is formed in `scratch` (default: in `update` itself).
     """
-    low = params[0].dtype.itemsize < 4
-    work = [p.float() for p in params] if low else params
-    mask = [f.float() for f in finite] if low else finite
     if weight_decay != 0.0:
-        if update_is_scratch:
-            torch._foreach_add_(update, work, alpha=weight_decay)
-        else:
-            update = torch._foreach_add(update, work, alpha=weight_decay)
-    torch._foreach_addcmul_(work, update, mask, value=-lr)
-    if low:
-        torch._foreach_copy_(params, work)
+        scratch = update if scratch is None else scratch
+        for d, u, p in zip(scratch, update, params):
+            torch.add(u, p, alpha=weight_decay, out=d)
+        update = scratch
+    torch._foreach_addcmul_(params, update, finite, value=-lr)
 
 
-def _torch_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, nonfinite_count):
-    clean, finite = _clean_grads(grads, nonfinite_count)
-    update = torch._foreach_lerp(exp_avgs, clean, 1.0 - beta1)
+def _lion(params, clean, exp_avgs, *, finite, ws, lr, beta1, beta2, weight_decay):
+    target = _or_state(clean, exp_avgs, finite)
+    update = ws.like("update", params, params[0].dtype)
+    for u, m, g in zip(update, exp_avgs, target):
+        torch.lerp(m, g, 1.0 - beta1, out=u)
     torch._foreach_sign_(update)
-    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
-    _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta2)
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
+    torch._foreach_lerp_(exp_avgs, target, 1.0 - beta2)
 
 
-def _torch_signum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
-    clean, finite = _clean_grads(grads, nonfinite_count)
-    _masked_lerp_(momentum_buffers, clean, finite, 1.0 - momentum)
-    update = torch._foreach_sign(momentum_buffers)
-    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
+def _signum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
+    torch._foreach_lerp_(momentum_buffers, _or_state(clean, momentum_buffers, finite), 1.0 - momentum)
+    update = ws.like("update", params, params[0].dtype)
+    for u, m in zip(update, momentum_buffers):
+        torch.sign(m, out=u)
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
 
 
-def _torch_signsgd(params, grads, *, lr, weight_decay, nonfinite_count):
-    clean, finite = _clean_grads(grads, nonfinite_count)
-    _apply_update_(params, finite, torch._foreach_sign(clean), lr, weight_decay, update_is_scratch=True)
+def _signsgd(params, clean, *, finite, ws, lr, weight_decay):
+    torch._foreach_sign_(clean)
+    _update_params_(params, clean, finite, lr=lr, weight_decay=weight_decay)
 
 
-def _torch_sign_momentum(params, grads, momentum_buffers, *, lr, momentum, weight_decay, nonfinite_count):
-    clean, finite = _clean_grads(grads, nonfinite_count)
-    _masked_lerp_(momentum_buffers, torch._foreach_sign(clean), finite, 1.0 - momentum)
-    _apply_update_(params, finite, momentum_buffers, lr, weight_decay, update_is_scratch=False)
+def _sign_momentum(params, clean, momentum_buffers, *, finite, ws, lr, momentum, weight_decay):
+    torch._foreach_sign_(clean)
+    torch._foreach_lerp_(momentum_buffers, _or_state(clean, momentum_buffers, finite), 1.0 - momentum)
+    _update_params_(params, momentum_buffers, finite, lr=lr, weight_decay=weight_decay, scratch=clean)
 
 
-def _torch_simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, threshold, weight_decay, beta,
-                 nonfinite_count):
-    clean, finite = _clean_grads(grads, nonfinite_count)
-    count_threshold = int(window_size * threshold)
-    grad_signs = torch._foreach_sign(clean)  # 0 where the gradient is not finite
-    history = exp_avgs if exp_avgs else sign_counts
-    update = [torch.where(s.abs() > count_threshold, h.sign(), gs)  # promotes an int8/int16 sign to float
-              for s, h, gs in zip(sign_counts, history, grad_signs)]
-    _apply_update_(params, finite, update, lr, weight_decay, update_is_scratch=True)
+def _simba(params, clean, sign_counts, exp_avgs=(), *, finite, ws, lr, window_size, threshold, weight_decay,
+           beta):
+    dtype = params[0].dtype
     if exp_avgs:
-        _masked_lerp_(exp_avgs, clean, finite, 1.0 - beta)
-    for s, gs in zip(sign_counts, grad_signs):
-        # Saturating s <- clamp(s + sign(g), -w, w); widen first when s + 1 could overflow the dtype.
-        if window_size == torch.iinfo(s.dtype).max:
-            s.copy_((s.to(torch.int32) + gs.to(torch.int32)).clamp_(-window_size, window_size))
-        else:
-            s.add_(gs.to(s.dtype)).clamp_(-window_size, window_size)
+        ema_target = _or_state(clean, exp_avgs, finite, out=ws.like("ema_target", params, dtype))
+    grad_signs = clean
+    torch._foreach_sign_(grad_signs)  # 0 where the gradient is not finite
+    counts = ws.like("counts", params, dtype)  # integer counts, exact in floats (|s| <= 32767)
+    torch._foreach_copy_(counts, sign_counts)
+    # u = sign(h) where |s| > k = int(w * threshold), else sign(g).
+    k, update = int(window_size * threshold), ws.like("update", params, dtype)
+    if exp_avgs:  # the 0/1 lerp weight |s| > k selects exactly
+        trust = ws.like("trust", params, dtype)
+        for t, u, s, m, gs in zip(trust, update, sign_counts, exp_avgs, grad_signs):
+            torch.gt(torch.abs(s), k, out=t)
+            torch.lerp(gs, torch.sign(m, out=u), t, out=u)
+    else:  # hardshrink(s, k) is s where |s| > k, else 0; |2s| >= 2 outweighs |sign(g)| <= 1
+        for u, s, gs in zip(update, counts, grad_signs):
+            torch.add(gs, torch.hardshrink(s, k, out=u), alpha=2, out=u).sign_()
+    _update_params_(params, update, finite, lr=lr, weight_decay=weight_decay)
+    if exp_avgs:
+        torch._foreach_lerp_(exp_avgs, ema_target, 1.0 - beta)
+    # Saturating s <- clamp(s + sign(g), -w, w); sign(g) is 0 where g is not finite.
+    torch._foreach_add_(counts, grad_signs)
+    for c in counts:
+        c.clamp_(-window_size, window_size)
+    torch._foreach_copy_(sign_counts, counts)
+
+
+def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: torch.Tensor, **hyper) -> None:
+    """Run `kernel(params, clean_grads, *state, finite=, ws=, **hyper)` chunk by chunk.
+
+    Floating-point tensors not in the work dtype (the parameter dtype, or float32 for 16-bit
+    parameters) are computed on work copies and rounded back once. The kernel gets the gradients
+    with non-finite elements zeroed (a work buffer it may overwrite) and `finite`, the 0/1 mask of
+    finite gradient elements; it must leave parameters and state unchanged where the mask is 0.
+    """
+    param = lists[0][0]
+    limit = CPU_CHUNK_NUMEL if param.device.type == "cpu" else DEVICE_CHUNK_NUMEL
+    chunks = list(_chunks(lists, limit))
+    if not chunks:  # only empty tensors
+        return
+    ws = _Workspace(max(sum(t.numel() for t in chunk[0]) for chunk in chunks), param.device)
+    work_dtype = torch.float32 if param.dtype.itemsize < 4 else param.dtype
+    finite_counts, total = [], 0
+    for chunk in chunks:
+        work = []
+        for i, tensors in enumerate(chunk):
+            if tensors[0].is_floating_point() and tensors[0].dtype != work_dtype:
+                copies = ws.like(f"work{i}", tensors, work_dtype)
+                torch._foreach_copy_(copies, tensors)
+                work.append(copies)
+            else:
+                work.append(tensors)
+        work[1], finite = _clean(work[1], ws)
+        numel = sum(t.numel() for t in finite)
+        finite_counts.append(_count(ws.flat("finite", work_dtype)[:numel]))  # the chunk's masks, end to end
+        total += numel
+        kernel(*work, finite=finite, ws=ws, **hyper)
+        for i, (tensors, copies) in enumerate(zip(chunk, work)):
+            if i != 1 and copies is not tensors:
+                torch._foreach_copy_(tensors, copies)
+    nonfinite_count.add_(total - torch.stack(finite_counts).sum())
 
 
 def _run(impl: str, torch_fn: Callable, fused_fn: Callable, lists: tuple[Tensors, ...], **hyper) -> None:
-    """Call the fused kernel, the batched torch function, or the torch function once per tensor."""
+    """Call the fused kernel, or the torch kernel on the whole lists or one tensor at a time."""
     if impl == "fused":
         fused_fn(*lists, **hyper)
     elif impl == "foreach":
-        torch_fn(*lists, **hyper)
+        _torch_step(torch_fn, lists, **hyper)
     else:
         for tensors in zip(*lists):
-            torch_fn(*([t] for t in tensors), **hyper)
+            _torch_step(torch_fn, tuple([t] for t in tensors), **hyper)
 
 
 def lion_step(params: Tensors, grads: Tensors, exp_avgs: Tensors, *, lr: float, beta1: float, beta2: float,
               weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
     """Lion: c = b1*m + (1-b1)*g; p <- p*(1-lr*wd) - lr*sign(c); m <- b2*m + (1-b2)*g."""
-    _run(impl, _torch_lion, _cpu_kernels.lion, (params, grads, exp_avgs), lr=lr, beta1=beta1, beta2=beta2,
+    _run(impl, _lion, _cpu_kernels.lion, (params, grads, exp_avgs), lr=lr, beta1=beta1, beta2=beta2,
          weight_decay=weight_decay, nonfinite_count=nonfinite_count)
 
 
@@ -207,17 +313,17 @@ def signum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, l
                 weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
     """Signum: m <- mu*m + (1-mu)*g; p <- p*(1-lr*wd) - lr*sign(m). Empty buffers: signSGD."""
     if not momentum_buffers:
-        _run(impl, _torch_signsgd, _cpu_kernels.signsgd, (params, grads), lr=lr, weight_decay=weight_decay,
+        _run(impl, _signsgd, _cpu_kernels.signsgd, (params, grads), lr=lr, weight_decay=weight_decay,
              nonfinite_count=nonfinite_count)
         return
-    _run(impl, _torch_signum, _cpu_kernels.signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
+    _run(impl, _signum, _cpu_kernels.signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
          weight_decay=weight_decay, nonfinite_count=nonfinite_count)
 
 
 def sign_momentum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, momentum: float,
                        weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
     """SignMomentum: m <- mu*m + (1-mu)*sign(g); p <- p*(1-lr*wd) - lr*m."""
-    _run(impl, _torch_sign_momentum, _cpu_kernels.sign_momentum, (params, grads, momentum_buffers), lr=lr,
+    _run(impl, _sign_momentum, _cpu_kernels.sign_momentum, (params, grads, momentum_buffers), lr=lr,
          momentum=momentum, weight_decay=weight_decay, nonfinite_count=nonfinite_count)
 
 
@@ -231,5 +337,5 @@ def simba_step(params: Tensors, grads: Tensors, sign_counts: Tensors, exp_avgs: 
     ``s <- clamp(s + sign(g), -w, w)``.
     """
     lists = (params, grads, sign_counts, exp_avgs) if exp_avgs else (params, grads, sign_counts)
-    _run(impl, _torch_simba, _cpu_kernels.simba, lists, lr=lr, window_size=window_size, threshold=threshold,
+    _run(impl, _simba, _cpu_kernels.simba, lists, lr=lr, window_size=window_size, threshold=threshold,
          weight_decay=weight_decay, beta=beta, nonfinite_count=nonfinite_count)
