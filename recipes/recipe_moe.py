@@ -25,17 +25,13 @@ SMALL_MOE = {
     "num_local_experts": 8,
     "num_experts_per_tok": 2,
     "router_score_func": "softmax",
-    "router_bias_update_rule": "linear",
-    "router_bias_update_rate": 0.01,
+    "router_bias_update_rule": "sign",
+    "router_bias_update_rate": 0.001,
 }
 """The default model: 4 layers of 8 experts (top-2), about 3.9 M parameters with a 2048-token vocabulary.
 
-Its routers are balanced with the linear rule at u = 0.01, not the paper's sign rule at u = 0.001. In a run of a
-few hundred steps the routing collapses in the first ~50 steps (with AdamW as with sign optimizers), and the sign
-rule at 0.001 moves each bias by at most 0.001 per step, too little to catch up before the end. A sign step of
-0.01 catches up but never settles: softmax scores sit near 1/8, so a fixed step of 0.01 flips many tokens at once
-and the load jumps between two states every step. The linear step is proportional to the imbalance: large while
-the routing is collapsed, small near balance."""
+Its routers use the paper's sign rule at u = 0.001; `MoeModelArguments.router_learning_rate_ratio` (0.1 by
+default) keeps their logits within reach of that bias."""
 
 
 @dataclass

@@ -305,9 +305,9 @@ def closed_loop_maxvio(rule, steps=60, rate=0.01):
 
 
 def test_sign_rule_cycles_where_its_step_exceeds_the_score_gaps_and_linear_rule_settles():
-    # Why the recipes use the linear rule at u = 0.01: with a step larger than the score gaps, the sign rule
-    # moves every bias by the full step forever and the load jumps between the same states, while the linear
-    # rule's step shrinks with the imbalance.
+    # With a step larger than the score gaps, the sign rule moves every bias by the full step forever and the
+    # load jumps between the same states; the linear rule's step shrinks with the imbalance, so it settles.
+    # (Why u = 0.01 with the sign rule does not rescue a softmax router whose scores are nearly tied.)
     sign, linear = closed_loop_maxvio("sign"), closed_loop_maxvio("linear")
     assert sign[0] == linear[0] > 2.0  # same skewed start
     assert min(sign[-20:]) > 0.5

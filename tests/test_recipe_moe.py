@@ -53,7 +53,7 @@ def test_balancing_modes():
     assert [type(c) for c in balancing_callbacks("loss-free")] == [LossFreeBalanceCallback]
     assert balancing_callbacks("aux-loss") == balancing_callbacks("none") == []
     summary = routing_summary(aux, "aux-loss")
-    assert summary == {"balancing": "aux-loss", "score_func": "softmax", "update_rule": "linear", "update_rate": 0.01,
+    assert summary == {"balancing": "aux-loss", "score_func": "softmax", "update_rule": "sign", "update_rate": 0.001,
                        "aux_loss_coef": 0.02, "num_experts": 8, "top_k": 2}
 
 
