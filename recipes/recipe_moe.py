@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, TrainerCallback
 
 from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeConfig
+from hf_signopt.moe.balancer import find_routers
 
 
 BALANCING_MODES = ("loss-free", "aux-loss", "none")
@@ -27,7 +28,10 @@ SMALL_MOE = {
     "router_bias_update_rule": "sign",
     "router_bias_update_rate": 0.001,
 }
-"""The default model: 4 layers of 8 experts (top-2), about 3.9 M parameters with a 2048-token vocabulary."""
+"""The default model: 4 layers of 8 experts (top-2), about 3.9 M parameters with a 2048-token vocabulary.
+
+Its routers use the paper's sign rule at u = 0.001; `MoeModelArguments.router_learning_rate_ratio` (0.1 by
+default) keeps their logits within reach of that bias."""
 
 
 @dataclass
@@ -49,6 +53,10 @@ class MoeModelArguments:
         router_bias_update_rule: `sign`, `rms` or `linear`.
         router_bias_update_rate: Bias step `u` per optimizer step, >= 0.
         router_aux_loss_coef: Auxiliary-loss weight; default 0, or Mixtral-8x7B's 0.02 in `aux-loss` mode.
+        router_learning_rate_ratio: The routers' learning rate as a fraction of `learning_rate`, in (0, 1].
+            Default 0.1: a sign optimizer moves every router weight by about `lr` per step whatever the size of
+            its gradient, so at the full rate the router logits grow until the softmax is nearly one-hot and no
+            bias of a few tenths can move a token (see the README, recipe 1).
     """
 
     config_name: str | None = field(default=None, metadata={"help": "Config file or model dir to start from."})
@@ -66,8 +74,13 @@ class MoeModelArguments:
     router_bias_update_rule: str | None = field(default=None, metadata={"help": "sign, rms or linear."})
     router_bias_update_rate: float | None = field(default=None, metadata={"help": "Bias step per optimizer step."})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Auxiliary-loss weight."})
+    router_learning_rate_ratio: float = field(
+        default=0.1, metadata={"help": "Routers' learning rate / learning_rate, in (0, 1]."}
+    )
 
     def __post_init__(self) -> None:
+        if not 0 < self.router_learning_rate_ratio <= 1:
+            raise ValueError(f"router_learning_rate_ratio must be in (0, 1], got {self.router_learning_rate_ratio}.")
         if self.balancing not in BALANCING_MODES:
             raise ValueError(f"balancing must be one of {BALANCING_MODES}, got {self.balancing!r}.")
         if self.tokenizer_vocab_size < 257:
@@ -117,6 +130,32 @@ def build_moe_config(
         values["router_aux_loss_coef"] = 0.0
     values["output_router_logits"] = values.get("router_aux_loss_coef", 0.0) > 0
     return LossFreeMoeConfig(**values)
+
+
+def scale_router_learning_rate(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ratio: float) -> None:
+    """Moves the weights of `model`'s bias-carrying routers into their own parameter groups at `ratio` x lr.
+
+    Each group that holds router weights is split in two with the same settings, so weight decay and the
+    optimizer's hyperparameters stay as they were. Call it before the learning-rate scheduler is built (the
+    scheduler scales every group's initial rate). Nothing changes when `ratio` is 1.
+
+    Args:
+        optimizer: The optimizer over `model`'s parameters.
+        model: A model whose routers carry `e_score_correction_bias`.
+        ratio: Router learning rate / learning rate, in (0, 1].
+    """
+    if ratio == 1:
+        return
+    router_ids = {id(p) for _, router in find_routers(model) for p in router.parameters()}
+    router_groups = []
+    for group in optimizer.param_groups:
+        routers = [p for p in group["params"] if id(p) in router_ids]
+        if routers:
+            group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+            settings = {key: value for key, value in group.items() if key != "params"}
+            router_groups.append({**settings, "params": routers, "lr": group["lr"] * ratio})
+    for group in router_groups:
+        optimizer.add_param_group(group)
 
 
 def balancing_callbacks(balancing: str) -> list[TrainerCallback]:

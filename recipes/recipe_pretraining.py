@@ -26,11 +26,35 @@ from hf_signopt.data import DataArguments, train_bpe_tokenizer
 from hf_signopt.reporting import StepTimeCallback, optimizer_state_bytes, require_matplotlib
 from recipe_arguments import RecipeArguments, resolve_resume_checkpoint
 from recipe_lm import load_raw_datasets, optimizer_hyperparameters, optimizer_name, perplexity, prepare_lm_datasets
-from recipe_moe import MoeModelArguments, balancing_callbacks, build_moe_config, measure_expert_load, routing_summary
+from recipe_moe import (
+    MoeModelArguments,
+    balancing_callbacks,
+    build_moe_config,
+    measure_expert_load,
+    routing_summary,
+    scale_router_learning_rate,
+)
 from recipe_outputs import write_run_outputs
 
 
 logger = logging.get_logger(__name__)
+
+
+class MoeTrainer(Trainer):
+    """`Trainer` whose optimizer runs the MoE routers at `router_learning_rate_ratio` x the learning rate."""
+
+    def __init__(self, *args: Any, router_learning_rate_ratio: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router_learning_rate_ratio = router_learning_rate_ratio
+        self._router_groups_made = False
+
+    def create_optimizer(self, model: PreTrainedModel | None = None) -> Any:
+        """Builds the optimizer as `Trainer` does, then gives the routers their own learning rate."""
+        optimizer = super().create_optimizer(model)
+        if not self._router_groups_made:
+            scale_router_learning_rate(optimizer, self.model, self.router_learning_rate_ratio)
+            self._router_groups_made = True
+        return optimizer
 
 
 @dataclass
@@ -133,7 +157,7 @@ def run_moe_pretraining(
         # The Trainer still restores the optimizer, scheduler, RNG and step.
         model = AutoModelForCausalLM.from_pretrained(resume)
     step_timer = StepTimeCallback()
-    trainer = Trainer(
+    trainer = MoeTrainer(
         model=model,
         args=training_args,
         train_dataset=blocks["train"],
@@ -141,6 +165,7 @@ def run_moe_pretraining(
         processing_class=tokenizer,
         data_collator=default_data_collator,
         callbacks=[*balancing_callbacks(model_args.balancing), step_timer],
+        router_learning_rate_ratio=model_args.router_learning_rate_ratio,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
@@ -178,6 +203,7 @@ def run_moe_pretraining(
                 "processes": training_args.world_size,
                 "block_size": data_args.block_size,
                 "learning_rate": training_args.learning_rate,
+                "router_learning_rate_ratio": model_args.router_learning_rate_ratio,
                 "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
                 "weight_decay": training_args.weight_decay,
                 "seed": training_args.seed,

@@ -4,9 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig
+from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig, LossFreeMoeForCausalLM
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
@@ -17,6 +18,7 @@ from recipe_moe import (  # noqa: E402
     balancing_callbacks,
     build_moe_config,
     routing_summary,
+    scale_router_learning_rate,
 )
 
 
@@ -58,3 +60,32 @@ def test_balancing_modes():
 def test_invalid_sizes_are_reported_by_the_config():
     with pytest.raises(StrictDataclassError, match="num_experts_per_tok"):
         build_moe_config(MoeModelArguments(num_local_experts=2, num_experts_per_tok=3), 300, 32, SPECIAL)
+
+
+def test_router_weights_get_their_own_groups_at_the_ratio_of_the_learning_rate():
+    config = build_moe_config(MoeModelArguments(hidden_size=32, intermediate_size=32, num_hidden_layers=2), 64, 16,
+                              SPECIAL)
+    model = LossFreeMoeForCausalLM(config)
+    routers = [layer.mlp.gate.weight for layer in model.model.layers]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if "norm" in n]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=2e-3, momentum=0.9)
+    scale_router_learning_rate(optimizer, model, 0.25)
+    groups = optimizer.param_groups
+    assert len(groups) == 3
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in routers}
+    assert (groups[2]["lr"], groups[2]["weight_decay"], groups[2]["momentum"]) == (2e-3 * 0.25, 0.1, 0.9)
+    assert [g["lr"] for g in groups[:2]] == [2e-3, 2e-3]
+    every = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(every) == sorted(names.values())  # each parameter exactly once
+    unchanged = torch.optim.SGD(model.parameters(), lr=1.0)
+    scale_router_learning_rate(unchanged, model, 1.0)
+    assert len(unchanged.param_groups) == 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_router_learning_rate_ratio_outside_its_range_is_rejected(ratio):
+    with pytest.raises(ValueError, match=rf"router_learning_rate_ratio must be in \(0, 1\], got {ratio}"):
+        MoeModelArguments(router_learning_rate_ratio=ratio)
