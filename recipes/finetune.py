@@ -45,7 +45,7 @@ from recipe_lm import (
     prepare_lm_datasets,
 )
 from recipe_moe import measure_expert_load, routing_summary
-from recipe_outputs import write_run_outputs
+from recipe_outputs import training_summary, write_run_outputs
 
 
 DEFAULTS = {
@@ -176,15 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             optimizer_hyperparameters=optimizer_hyperparameters(trainer.optimizer),
             final_metrics=final,
             log_history=trainer.state.log_history,
-            training={
-                "max_steps": trainer.state.max_steps,
-                "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                "processes": training_args.world_size,
-                "block_size": data_args.block_size,
-                "learning_rate": training_args.learning_rate,
-                "weight_decay": training_args.weight_decay,
-                "seed": training_args.seed,
-            },
+            training=training_summary(trainer, data_args.block_size),
             routing=routing_summary(model.config, "loss-free" if balanced else "none"),
             expert_load=expert_load,
             make_plots=recipe_args.make_plots,

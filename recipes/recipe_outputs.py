@@ -42,6 +42,29 @@ def write_run_plots(
     return plots
 
 
+def training_summary(trainer: Any, block_size: int, **extra: Any) -> dict[str, Any]:
+    """The training settings a model card states: steps, batch, processes, block size, lr schedule, seed.
+
+    Args:
+        trainer: The `Trainer` that ran (its `args` and `state` are read).
+        block_size: Tokens per training block.
+        **extra: Recipe-specific settings, inserted after the learning rate.
+    """
+    args = trainer.args
+    return {
+        "max_steps": trainer.state.max_steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "processes": args.world_size,
+        "block_size": block_size,
+        "learning_rate": args.learning_rate,
+        **extra,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+
+
 def write_run_outputs(
     output_dir: str | Path,
     *,

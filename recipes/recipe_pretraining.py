@@ -34,7 +34,7 @@ from recipe_moe import (
     routing_summary,
     scale_router_learning_rate,
 )
-from recipe_outputs import write_run_outputs
+from recipe_outputs import training_summary, write_run_outputs
 
 
 logger = logging.get_logger(__name__)
@@ -196,18 +196,9 @@ def run_moe_pretraining(
             optimizer_hyperparameters=optimizer_hyperparameters(trainer.optimizer),
             final_metrics=final_metrics,
             log_history=trainer.state.log_history,
-            training={
-                "max_steps": trainer.state.max_steps,
-                "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-                "processes": training_args.world_size,
-                "block_size": data_args.block_size,
-                "learning_rate": training_args.learning_rate,
-                "router_learning_rate_ratio": model_args.router_learning_rate_ratio,
-                "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
-                "weight_decay": training_args.weight_decay,
-                "seed": training_args.seed,
-            },
+            training=training_summary(
+                trainer, data_args.block_size, router_learning_rate_ratio=model_args.router_learning_rate_ratio
+            ),
             routing=routing,
             expert_load=expert_load,
             make_plots=recipe_args.make_plots,
