@@ -26,7 +26,7 @@ from transformers import TrainingArguments
 
 from hf_signopt.data import DataArguments
 from hf_signopt.reporting import plot_expert_load
-from recipe_arguments import RecipeArguments, parse_recipe_arguments
+from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments
 from recipe_comparison import markdown_table, variant_resume, write_comparison
 from recipe_lm import load_raw_datasets
 from recipe_moe import BALANCING_MODES, MoeModelArguments
@@ -34,23 +34,13 @@ from recipe_pretraining import run_moe_pretraining
 
 
 DEFAULTS = {
+    **TRAINING_DEFAULTS,
     "output_dir": "outputs/compare_balancing",
     "optim": "simba",
     "learning_rate": 2e-3,
-    "weight_decay": 0.1,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.05,
     "max_steps": 300,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "eval_strategy": "steps",
     "eval_steps": 100,
-    "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 150,
-    "save_total_limit": 1,
-    "seed": 42,
-    "disable_tqdm": False,
     "sample_prompt": "",
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""

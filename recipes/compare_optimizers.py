@@ -25,7 +25,7 @@ from transformers import TrainingArguments
 
 from hf_signopt.data import DataArguments
 from hf_signopt.reporting import metric_series, plot_curves
-from recipe_arguments import RecipeArguments, parse_recipe_arguments
+from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments
 from recipe_comparison import markdown_table, variant_resume, write_comparison
 from recipe_lm import load_raw_datasets
 from recipe_moe import MoeModelArguments
@@ -35,22 +35,12 @@ from recipe_pretraining import run_moe_pretraining
 DEFAULT_OPTIMIZERS = ["adamw_torch", "lion", "signum", "signsgd", "signmomentum", "simba"]
 
 DEFAULTS = {
+    **TRAINING_DEFAULTS,
     "output_dir": "outputs/compare_optimizers",
     "learning_rate": 2e-3,
-    "weight_decay": 0.1,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.05,
     "max_steps": 200,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "eval_strategy": "steps",
     "eval_steps": 50,
-    "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 100,
-    "save_total_limit": 1,
-    "seed": 42,
-    "disable_tqdm": False,
     "sample_prompt": "",
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""

@@ -35,7 +35,7 @@ from hf_signopt import LossFreeBalanceCallback
 from hf_signopt.data import DataArguments
 from hf_signopt.moe.balancer import find_routers
 from hf_signopt.reporting import require_matplotlib
-from recipe_arguments import RecipeArguments, parse_recipe_arguments, resolve_resume_checkpoint
+from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments, resolve_resume_checkpoint
 from recipe_lm import (
     generate_sample,
     load_raw_datasets,
@@ -49,23 +49,13 @@ from recipe_outputs import training_summary, write_run_outputs
 
 
 DEFAULTS = {
+    **TRAINING_DEFAULTS,
     "output_dir": "outputs/finetune",
     "optim": "simba",
     "learning_rate": 5e-4,
-    "weight_decay": 0.1,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.05,
     "max_steps": 200,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "eval_strategy": "steps",
     "eval_steps": 50,
-    "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 100,
-    "save_total_limit": 1,
-    "seed": 42,
-    "disable_tqdm": False,
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""
 

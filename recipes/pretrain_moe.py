@@ -23,30 +23,20 @@ import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe 
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from hf_signopt.data import DataArguments
-from recipe_arguments import RecipeArguments, parse_recipe_arguments
+from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments
 from recipe_lm import generate_sample
 from recipe_moe import MoeModelArguments
 from recipe_pretraining import PretrainingRun, run_moe_pretraining
 
 
 DEFAULTS = {
+    **TRAINING_DEFAULTS,
     "output_dir": "outputs/pretrain_moe",
     "optim": "simba",
     "learning_rate": 2e-3,
-    "weight_decay": 0.1,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.05,
     "max_steps": 500,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 32,
-    "eval_strategy": "steps",
     "eval_steps": 100,
-    "logging_steps": 10,
-    "save_strategy": "steps",
     "save_steps": 250,
-    "save_total_limit": 1,
-    "seed": 42,
-    "disable_tqdm": False,
 }
 """Training defaults of this recipe (a config file or flags override any of them)."""
 

@@ -21,6 +21,21 @@ from transformers.trainer_utils import get_last_checkpoint
 
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
+TRAINING_DEFAULTS = {
+    "weight_decay": 0.1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "eval_strategy": "steps",
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_total_limit": 1,
+    "seed": 42,
+    "disable_tqdm": False,
+}
+"""`TrainingArguments` defaults every recipe shares; each recipe adds its own steps, rate and output dir."""
+
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a YAML or JSON config file holding one mapping of argument names to values.
