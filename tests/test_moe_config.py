@@ -14,17 +14,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import hf_signopt
 from hf_signopt import LossFreeMoeConfig, LossFreeMoeForCausalLM
+from moe_tiny import TINY_MOE
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-)
+TINY = {**TINY_MOE}
 
 
 def tiny(**overrides) -> LossFreeMoeConfig:

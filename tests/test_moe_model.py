@@ -26,18 +26,9 @@ from hf_signopt import (
     LossFreeMoeModel,
     LossFreeMoeTopKRouter,
 )
+from moe_tiny import TINY_MOE
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    pad_token_id=0,
-)
+TINY = {**TINY_MOE, "pad_token_id": 0}
 BIAS = "e_score_correction_bias"
 
 

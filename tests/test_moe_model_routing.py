@@ -7,17 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_signopt import LossFreeMoeConfig, LossFreeMoeForCausalLM, LossFreeMoeTopKRouter
+from moe_tiny import TINY_MOE
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=6,
-    num_experts_per_tok=2,
-)
+TINY = {**TINY_MOE, "num_local_experts": 6}
 
 
 def reference_routing(hidden, weight, bias, top_k, score_func, norm_topk_prob):

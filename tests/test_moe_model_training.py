@@ -6,17 +6,9 @@ import torch.nn.functional as F
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from hf_signopt import LossFreeMoeConfig, LossFreeMoeForCausalLM, LossFreeMoeTopKRouter
+from moe_tiny import TINY_MOE
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-)
+TINY = {**TINY_MOE}
 
 
 def build(seed=0, **overrides):
