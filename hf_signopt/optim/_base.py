@@ -1,13 +1,20 @@
 """Shared machinery of the sign optimizers: group validation, state buckets, non-finite reporting."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
 from . import _functional as F
-from ._validation import check_grad, check_int_range, check_optional_bool, check_param
+from ._validation import (
+    check_grad,
+    check_int_range,
+    check_non_negative,
+    check_optional_bool,
+    check_param,
+    check_unit_interval,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -160,3 +167,29 @@ class SignOptimizer(torch.optim.Optimizer):
                 "their parameters and optimizer state were left unchanged"
             )
             self._nonfinite_reported = total
+
+
+class MomentumSignOptimizer(SignOptimizer):
+    """Base of the optimizers whose hyperparameters are `lr`, `momentum` and `weight_decay` (Signum, SignMomentum).
+
+    Subclasses document the arguments and define `_step_group(group)`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        nonfinite_check_interval: int = 100,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, nonfinite_check_interval)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_non_negative("lr", group["lr"])
+        check_unit_interval("momentum", group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])

@@ -1,16 +1,14 @@
 """SignMomentum: momentum of gradient signs (seed 000, "sign GD with momentum")."""
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from . import _functional as F
-from ._base import SignOptimizer
-from ._validation import check_non_negative, check_unit_interval
+from ._base import MomentumSignOptimizer
 
 
-class SignMomentum(SignOptimizer):
+class SignMomentum(MomentumSignOptimizer):
     r"""SignMomentum: an exponential moving average of gradient signs is the step.
 
     With decoupled weight decay applied first, for each element::
@@ -37,25 +35,6 @@ class SignMomentum(SignOptimizer):
         nonfinite_check_interval: Every this many steps read the device-side count of skipped
             non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`).
     """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        *,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        nonfinite_check_interval: int = 100,
-    ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, nonfinite_check_interval)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_unit_interval("momentum", group["momentum"])
-        check_non_negative("weight_decay", group["weight_decay"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         init = lambda p: {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}  # noqa: E731

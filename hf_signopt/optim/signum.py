@@ -1,16 +1,14 @@
 """Signum and signSGD (Bernstein et al., 2018, "signSGD: Compressed Optimisation for Non-Convex Problems")."""
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from . import _functional as F
-from ._base import SignOptimizer
-from ._validation import check_non_negative, check_unit_interval
+from ._base import MomentumSignOptimizer
 
 
-class Signum(SignOptimizer):
+class Signum(MomentumSignOptimizer):
     r"""Signum: step along the sign of the gradient's momentum; ``momentum=0`` is signSGD.
 
     With decoupled weight decay applied first, for each element::
@@ -36,25 +34,6 @@ class Signum(SignOptimizer):
         nonfinite_check_interval: Every this many steps read the device-side count of skipped
             non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`).
     """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        *,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        nonfinite_check_interval: int = 100,
-    ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused)
-        super().__init__(params, defaults, nonfinite_check_interval)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_unit_interval("momentum", group["momentum"])
-        check_non_negative("weight_decay", group["weight_decay"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if group["momentum"] == 0.0:
