@@ -152,9 +152,8 @@ def run_moe_pretraining(
         )
         model = AutoModelForCausalLM.from_config(config)
     else:
-        # The Trainer reloads a checkpoint with a plain `load_state_dict`, which misses the MoE weights and
-        # router biases that transformers saves in Mixtral's per-expert format; `from_pretrained` converts them.
-        # The Trainer still restores the optimizer, scheduler, RNG and step.
+        # The checkpoint holds the run's own config (whatever flags built it); the Trainer then restores the
+        # optimizer, scheduler, RNG and step.
         model = AutoModelForCausalLM.from_pretrained(resume)
     step_timer = StepTimeCallback()
     trainer = MoeTrainer(
