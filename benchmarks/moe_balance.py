@@ -41,7 +41,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, TrainerControl, Trai
 
 from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
 
-CORPUS = Path(__file__).resolve().parent.parent / "hf_signopt" / "data" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tinyshakespeare.txt"
 # transformers' experts kernels that run on CPU: a loop over the experts that received tokens, one batched
 # matmul over every (token, chosen expert) pair, and torch's grouped matmul over tokens sorted by expert.
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")

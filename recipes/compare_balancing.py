@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Recipe 4: compare MoE load balancing: none, Mixtral's auxiliary loss, and loss-free (router bias).
+"""Recipe 4: compare MoE load balancing: none, Mixtral's auxiliary loss, and loss-free (the router bias).
 
-The same model (the main job's small `lossfree_moe`), data, seed, optimizer and step budget are
-trained once per balancing mode, each in its own complete output directory
-(`<output_dir>/<mode>/`). On the validation split the recipe measures eval loss (language-modeling
-loss only, without the auxiliary term) and MaxVio_global of every layer, prints and writes the table
-(`comparison.md` / `.json`), and draws the per-expert load of every layer for all modes side by side
+The main job's model, data, seed, optimizer and step budget are trained once per balancing mode, each run in
+`<output_dir>/<mode>/` (checkpoints only if asked). On the validation split the recipe measures the eval loss
+(language modelling only, without the auxiliary term) and MaxVio_global of every layer, prints and writes the
+table (`comparison.md` / `comparison.json`), and draws every mode's per-expert load side by side
 (`expert_load.png`).
 
 Usage:
@@ -15,35 +14,28 @@ Usage:
 """
 
 import dataclasses
-import sys
+import json
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
-from transformers import TrainingArguments
+import pretrain_moe
+from recipe_utils import comparison_runs, end_processes, markdown_table, parse_arguments, plot_expert_load
+from recipe_utils import removed_on_failure, setup_logging
 
-from hf_signopt.data import DataArguments
-from hf_signopt.reporting import plot_expert_load
-from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments
-from recipe_comparison import markdown_table, variant_resume, write_comparison
-from recipe_lm import load_raw_datasets
-from recipe_moe import BALANCING_MODES, MoeModelArguments
-from recipe_pretraining import run_moe_pretraining
 
+logger = logging.getLogger(__name__)
 
 DEFAULTS = {
-    **TRAINING_DEFAULTS,
+    **pretrain_moe.DEFAULTS,
     "output_dir": "outputs/compare_balancing",
-    "optim": "simba",
-    "learning_rate": 2e-3,
     "max_steps": 300,
-    "eval_steps": 100,
-    "save_steps": 150,
+    "eval_strategy": "no",  # one evaluation at the end
+    "save_strategy": "no",
     "sample_prompt": "",
 }
-"""Training defaults of this recipe (a config file or flags override any of them)."""
+"""The main job's defaults, shorter, evaluated once, without checkpoints."""
 
 COLUMNS = {
     "mode": "balancing",
@@ -55,72 +47,52 @@ COLUMNS = {
 }
 
 
-@dataclass
-class BalancingComparisonArguments:
-    """Which balancing modes to compare.
+@dataclasses.dataclass
+class ComparisonArguments:
+    """Which balancing modes to compare, in order."""
 
-    Args:
-        modes: Balancing modes, from `none`, `aux-loss` and `loss-free`, run in this order.
-    """
-
-    modes: list[str] = field(default_factory=lambda: list(BALANCING_MODES[::-1]), metadata={
-        "help": f"Balancing modes to compare, from {BALANCING_MODES}."})
+    modes: list[str] = dataclasses.field(
+        default_factory=lambda: ["none", "aux-loss", "loss-free"],
+        metadata={"help": f"Balancing modes to compare, from {pretrain_moe.BALANCING_MODES}."},
+    )
 
     def __post_init__(self) -> None:
-        unknown = [mode for mode in self.modes if mode not in BALANCING_MODES]
-        if not self.modes or unknown or len(set(self.modes)) != len(self.modes):
-            raise ValueError(f"modes must be distinct names from {BALANCING_MODES}, got {self.modes}.")
-
-
-ARGUMENT_TYPES = (BalancingComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments)
-"""The dataclasses this recipe parses, in order."""
+        modes = self.modes
+        if not modes or len(set(modes)) != len(modes) or not set(modes) <= set(pretrain_moe.BALANCING_MODES):
+            raise ValueError(f"modes must be distinct names from {pretrain_moe.BALANCING_MODES}, got {modes}.")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Trains once per mode, prints and writes the table, draws the expert loads.
-
-    Args:
-        argv: Arguments after the script name (`sys.argv[1:]` when `None`).
-
-    Returns:
-        One row of results per mode.
-    """
-    comparison_args, model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        ARGUMENT_TYPES,
-        DEFAULTS,
-        sys.argv[1:] if argv is None else argv,
+    """Trains once per mode, prints and writes the table, draws the expert loads; returns the rows."""
+    comparison, model_args, data_args, training_args, run_args = parse_arguments(
+        (ComparisonArguments, *pretrain_moe.ARGUMENTS), DEFAULTS, argv
     )
-    output_dir = Path(training_args.output_dir)
-    variants = []
-    for mode in comparison_args.modes:
-        coef = model_args.router_aux_loss_coef if mode == "aux-loss" else None
-        variants.append((
-            mode,
-            dataclasses.replace(model_args, balancing=mode, router_aux_loss_coef=coef),
-            dataclasses.replace(
-                training_args, output_dir=str(output_dir / mode),
-                resume_from_checkpoint=variant_resume(training_args.resume_from_checkpoint, output_dir / mode),
-            ),
-        ))
-    raw = load_raw_datasets(data_args)
-    rows, loads = [], {}
-    for mode, mode_model_args, mode_training_args in variants:
-        run = run_moe_pretraining(
-            mode_model_args, data_args, mode_training_args, recipe_args, recipe="compare_balancing", raw=raw
-        )
-        rows.append({
-            "mode": mode,
-            "aux_loss_coef": run.routing["aux_loss_coef"],
-            "eval_loss": run.final_metrics["eval_loss"],
-            "maxvio_global": run.final_metrics["maxvio_global"],
-            "maxvio_global_max": run.final_metrics["maxvio_global_max"],
-            "maxvio_per_layer": run.expert_load["maxvio_per_layer"],
-        })
-        loads[mode] = run.expert_load["tokens_per_expert"]
+    setup_logging(training_args)
+    runs = comparison_runs(training_args, run_args, {mode: {} for mode in comparison.modes})
+
+    with removed_on_failure(training_args.output_dir):
+        rows, loads = [], {}
+        for mode, args in runs.items():
+            with removed_on_failure(args.output_dir):
+                mode_args = dataclasses.replace(model_args, balancing=mode)
+                result = pretrain_moe.pretrain(mode_args, data_args, args, run_args)
+            evaluation = result["eval"]
+            rows.append({
+                "mode": mode,
+                "aux_loss_coef": model_args.router_aux_loss_coef if mode == "aux-loss" else 0.0,
+                "eval_loss": evaluation["eval_loss"],
+                "maxvio_global": evaluation["eval_moe/maxvio_global"],
+                "maxvio_global_max": evaluation["eval_moe/maxvio_global_max"],
+                "maxvio_per_layer": result["maxvio_per_layer"],
+            })
+            loads[mode] = result["tokens_per_expert"]
+
     table = markdown_table(rows, COLUMNS)
+    output_dir = Path(training_args.output_dir)
     if training_args.process_index == 0:
-        write_comparison(output_dir, "comparison", table, rows)
-        if recipe_args.make_plots:
+        (output_dir / "comparison.md").write_text(table + "\n", encoding="utf-8")
+        (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        if run_args.make_plots:
             plot_expert_load(loads, output_dir / "expert_load.png",
                              title="Per-expert load per layer on the validation split (load / mean load)")
         print(f"\nSame model, data, seed, optimizer and {training_args.max_steps} steps; results in {output_dir}:"
@@ -130,3 +102,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     main()
+    end_processes()

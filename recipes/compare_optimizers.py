@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Recipe 3: compare AdamW and each sign optimizer on the same model, data, seed and step budget.
+"""Recipe 3: compare AdamW and each sign optimizer on the main job's architecture, data, seed and step budget.
 
-Each optimizer pre-trains the main job's model (a small `lossfree_moe` with loss-free balancing) from
-the same initial weights on the same blocks in the same order. Every run gets its own complete output
-directory (`<output_dir>/<optimizer>/`). The recipe prints, and writes to `comparison.md` / `.json`, a
-table of final train and eval loss, median step time and optimizer-state memory, and draws the loss
-curves of all runs in `loss_curves.png`.
+Each optimizer trains the main job's model (a small `lossfree_moe` with loss-free balancing) from scratch: the same
+initial weights, the same blocks in the same order, each run in `<output_dir>/<optimizer>/` (weights and metrics;
+checkpoints only if asked, e.g. `--save_strategy steps`). The recipe prints, and writes to `comparison.md` /
+`comparison.json`, a table of final train and eval loss, step time, optimizer-state memory and MaxVio_global, and
+draws every run's training loss in `loss_curves.png`.
 
 Usage:
     python recipes/compare_optimizers.py
@@ -14,140 +14,104 @@ Usage:
 """
 
 import dataclasses
-import sys
+import json
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
-from transformers import TrainingArguments
-
-from hf_signopt.data import DataArguments
-from hf_signopt.reporting import metric_series, plot_curves
-from recipe_arguments import TRAINING_DEFAULTS, RecipeArguments, parse_recipe_arguments
-from recipe_comparison import markdown_table, variant_resume, write_comparison
-from recipe_lm import load_raw_datasets
-from recipe_moe import MoeModelArguments
-from recipe_pretraining import run_moe_pretraining
+import pretrain_moe
+from recipe_utils import comparison_runs, end_processes, markdown_table, parse_arguments, plot_curves, series
+from recipe_utils import removed_on_failure, setup_logging
 
 
-DEFAULT_OPTIMIZERS = ["adamw_torch", "lion", "signum", "signsgd", "signmomentum", "simba"]
+logger = logging.getLogger(__name__)
 
 DEFAULTS = {
-    **TRAINING_DEFAULTS,
+    **pretrain_moe.DEFAULTS,
     "output_dir": "outputs/compare_optimizers",
-    "learning_rate": 2e-3,
     "max_steps": 200,
-    "eval_steps": 50,
-    "save_steps": 100,
+    "eval_strategy": "no",  # one evaluation at the end; the step time is then the training step's alone
+    "save_strategy": "no",
     "sample_prompt": "",
 }
-"""Training defaults of this recipe (a config file or flags override any of them)."""
+"""The main job's defaults, shorter, evaluated once, without checkpoints."""
 
 COLUMNS = {
     "optimizer": "optimizer",
     "learning_rate": "lr",
-    "train_loss": "final train loss",
-    "eval_loss": "final eval loss",
+    "train_loss": "train loss (run mean)",
+    "eval_loss": "eval loss",
     "step_seconds": "step time (s)",
-    "step_time_vs_first": "step time / first",
+    "step_time_vs_first": "step time / first row's",
     "state_mib": "optimizer state (MiB)",
     "state_bytes_per_param": "state bytes/param",
     "maxvio_global": "MaxVio_global",
 }
 
 
-@dataclass
-class OptimizerComparisonArguments:
-    """Which optimizers to compare.
+@dataclasses.dataclass
+class ComparisonArguments:
+    """Which optimizers to compare, in order (the first is the step-time reference)."""
 
-    Args:
-        optimizers: `TrainingArguments.optim` names, run in this order (the first is the reference of
-            the step-time ratio). Default: `adamw_torch` and every sign optimizer.
-        learning_rates: One learning rate per optimizer; all use `--learning_rate` when unset.
-    """
-
-    optimizers: list[str] = field(
-        default_factory=lambda: list(DEFAULT_OPTIMIZERS), metadata={"help": "optim names to compare, in order."}
+    optimizers: list[str] = dataclasses.field(
+        default_factory=lambda: ["adamw_torch", "lion", "signum", "signsgd", "signmomentum", "simba"],
+        metadata={"help": "optim names to compare, in order."},
     )
-    learning_rates: list[float] | None = field(default=None, metadata={"help": "One learning rate per optimizer."})
+    learning_rates: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "One learning rate per optimizer (default: --learning_rate for all)."}
+    )
 
     def __post_init__(self) -> None:
-        if not self.optimizers:
-            raise ValueError("optimizers must name at least one optimizer.")
-        if len(set(self.optimizers)) != len(self.optimizers):
-            raise ValueError(f"optimizers must not repeat a name, got {self.optimizers}.")
+        if not self.optimizers or len(set(self.optimizers)) != len(self.optimizers):
+            raise ValueError(f"optimizers must name distinct optimizers, got {self.optimizers}.")
         if self.learning_rates is not None and len(self.learning_rates) != len(self.optimizers):
-            raise ValueError(
-                f"learning_rates has {len(self.learning_rates)} values for {len(self.optimizers)} optimizers "
-                f"{self.optimizers}; give one per optimizer."
-            )
-
-
-def variant_arguments(training_args: TrainingArguments, optim: str, learning_rate: float) -> TrainingArguments:
-    """The run's `TrainingArguments`: its own output subdirectory, optimizer and learning rate.
-
-    Building them validates the optimizer name, so an unknown one fails before any training.
-    """
-    return dataclasses.replace(
-        training_args,
-        output_dir=str(Path(training_args.output_dir) / optim),
-        optim=optim,
-        learning_rate=learning_rate,
-        resume_from_checkpoint=variant_resume(
-            training_args.resume_from_checkpoint, Path(training_args.output_dir) / optim
-        ),
-    )
-
-
-ARGUMENT_TYPES = (OptimizerComparisonArguments, MoeModelArguments, DataArguments, TrainingArguments, RecipeArguments)
-"""The dataclasses this recipe parses, in order."""
+            raise ValueError(f"learning_rates has {len(self.learning_rates)} values for {len(self.optimizers)} "
+                             f"optimizers {self.optimizers}; give one per optimizer.")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Runs every optimizer, prints and writes the table, draws the loss curves.
-
-    Args:
-        argv: Arguments after the script name (`sys.argv[1:]` when `None`).
-
-    Returns:
-        One row of results per optimizer.
-    """
-    comparison_args, model_args, data_args, training_args, recipe_args = parse_recipe_arguments(
-        ARGUMENT_TYPES,
-        DEFAULTS,
-        sys.argv[1:] if argv is None else argv,
+    """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
+    comparison, model_args, data_args, training_args, run_args = parse_arguments(
+        (ComparisonArguments, *pretrain_moe.ARGUMENTS), DEFAULTS, argv
     )
-    rates = comparison_args.learning_rates or [training_args.learning_rate] * len(comparison_args.optimizers)
-    variants = [variant_arguments(training_args, optim, rate) for optim, rate in zip(comparison_args.optimizers, rates)]
-    raw = load_raw_datasets(data_args)
-    rows, curves = [], {}
-    for optim, rate, args in zip(comparison_args.optimizers, rates, variants):
-        run = run_moe_pretraining(model_args, data_args, args, recipe_args, recipe="compare_optimizers", raw=raw)
-        metrics = run.final_metrics
-        rows.append({
-            "optimizer": optim,
-            "learning_rate": rate,
-            "train_loss": metrics["train_loss"],
-            "eval_loss": metrics["eval_loss"],
-            "step_seconds": metrics["step_seconds"],
-            "state_mib": metrics["optimizer_state_bytes"] / 2**20,
-            "state_bytes_per_param": metrics["optimizer_state_bytes"] / metrics["num_parameters"],
-            "maxvio_global": metrics["maxvio_global"],
-        })
-        curves[f"{optim} train"] = metric_series(run.log_history, "loss")
-    for row in rows:
-        row["step_time_vs_first"] = row["step_seconds"] / rows[0]["step_seconds"]
-    output_dir = Path(training_args.output_dir)
+    setup_logging(training_args)
+    rates = comparison.learning_rates or [training_args.learning_rate] * len(comparison.optimizers)
+    runs = comparison_runs(training_args, run_args, {
+        optim: {"optim": optim, "learning_rate": rate} for optim, rate in zip(comparison.optimizers, rates)
+    })
+
+    with removed_on_failure(training_args.output_dir):
+        rows, curves = [], {}
+        for optim, args in runs.items():
+            with removed_on_failure(args.output_dir):
+                result = pretrain_moe.pretrain(model_args, data_args, args, run_args)
+            train, evaluation = result["train"], result["eval"]
+            rows.append({
+                "optimizer": optim,
+                "learning_rate": args.learning_rate,
+                "train_loss": train["train_loss"],
+                "eval_loss": evaluation["eval_loss"],
+                "step_seconds": train["train_runtime"] / args.max_steps,
+                "state_mib": train["optimizer_state_bytes"] / 2**20,
+                "state_bytes_per_param": train["optimizer_state_bytes"] / train["num_parameters"],
+                "maxvio_global": evaluation["eval_moe/maxvio_global"],
+            })
+            curves[optim] = series(result["log_history"], "loss")
+        for row in rows:
+            row["step_time_vs_first"] = row["step_seconds"] / rows[0]["step_seconds"]
+
     table = markdown_table(rows, COLUMNS)
+    output_dir = Path(training_args.output_dir)
     if training_args.process_index == 0:
-        write_comparison(output_dir, "comparison", table, rows)
-        if recipe_args.make_plots:
-            plot_curves(curves, output_dir / "loss_curves.png", title="Training loss by optimizer")
+        (output_dir / "comparison.md").write_text(table + "\n", encoding="utf-8")
+        (output_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        if run_args.make_plots:
+            plot_curves(curves, output_dir / "loss_curves.png", title="Training loss by optimizer", ylabel="loss")
         print(f"\nSame model, data, seed and {training_args.max_steps} steps; results in {output_dir}:\n\n{table}\n")
     return rows
 
 
 if __name__ == "__main__":
     main()
+    end_processes()

@@ -21,7 +21,7 @@ _CHECKPOINTING = next(
 )
 NAMES = {"lion": Lion, "signum": Signum, "signsgd": Signum, "signmomentum": SignMomentum, "simba": Simba}
 SEQ_LEN = 32
-_TEXT = (Path(hf_signopt.__file__).parent / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+_TEXT = (Path(__file__).resolve().parent.parent / "recipes" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
 _VOCAB = {char: index for index, char in enumerate(sorted(set(_TEXT)))}
 _TOKENS = torch.tensor([_VOCAB[char] for char in _TEXT])
 

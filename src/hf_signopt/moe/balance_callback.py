@@ -9,7 +9,14 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .balancer import LossFreeBalancer, attached_balancer, find_routers, validate_update_rate, validate_update_rule
+from .balancer import (
+    LoadBalanceMetrics,
+    LossFreeBalancer,
+    attached_balancer,
+    find_routers,
+    validate_update_rate,
+    validate_update_rule,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -31,6 +38,9 @@ class LossFreeBalanceCallback(TrainerCallback):
           log, then over layers) and `moe/maxvio_max` (the same, worst layer);
         - with each evaluation: `{prefix}_moe/maxvio_global` (MaxVio of the loads summed over the whole
           evaluation run, averaged over layers) and `{prefix}_moe/maxvio_global_max` (worst layer).
+
+    The loads behind the last evaluation's figures stay in `last_eval_metrics` (a `LoadBalanceMetrics`, with
+    the tokens each expert of each layer received).
 
     Reporting integrations registered before this callback (`report_to`) get the Trainer's logs first;
     the metrics are always in `trainer.state.log_history`, in the dict `evaluate()` returns, and in what
@@ -55,6 +65,7 @@ class LossFreeBalanceCallback(TrainerCallback):
         self._maxvio_sum: torch.Tensor | None = None
         self._steps_since_log = 0
         self._eval_summary: dict[str, float] | None = None
+        self.last_eval_metrics: LoadBalanceMetrics | None = None
 
     def _attach(self, model: nn.Module) -> None:
         if self.balancer is not None and self.balancer.model is model:
@@ -142,7 +153,8 @@ class LossFreeBalanceCallback(TrainerCallback):
     def _evaluation_summary(self, prefix: str) -> dict[str, float]:
         # Computed once per evaluation (it is a collective: every rank reaches on_log and on_evaluate).
         if self._eval_summary is None:
-            summary = self.balancer.eval_metrics(reset=False).to_dict(prefix=f"{prefix}_moe/")
+            self.last_eval_metrics = self.balancer.eval_metrics(reset=False)
+            summary = self.last_eval_metrics.to_dict(prefix=f"{prefix}_moe/")
             self._eval_summary = {
                 f"{prefix}_moe/maxvio_global": summary[f"{prefix}_moe/maxvio"],
                 f"{prefix}_moe/maxvio_global_max": summary[f"{prefix}_moe/maxvio_max"],
