@@ -15,17 +15,21 @@ Usage:
 
 import dataclasses
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pretrain_moe
-from recipe_utils import comparison_runs, end_processes, markdown_table, parse_arguments, plot_curves, series
-from recipe_utils import removed_on_failure, setup_logging
-
-
-logger = logging.getLogger(__name__)
+from recipe_utils import (
+    comparison_runs,
+    end_processes,
+    markdown_table,
+    parse_arguments,
+    plot_curves,
+    removed_on_failure,
+    series,
+    setup_logging,
+)
 
 DEFAULTS = {
     **pretrain_moe.DEFAULTS,

@@ -20,11 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
-
-import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
-from hf_signopt import LossFreeBalanceCallback
-from hf_signopt.moe.balancer import find_routers
 from recipe_utils import (
     TRAINING_DEFAULTS,
     DataArguments,
@@ -43,7 +38,18 @@ from recipe_utils import (
     tokenize_into_blocks,
     write_model_card,
 )
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
+import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
+from hf_signopt import LossFreeBalanceCallback
+from hf_signopt.moe.balancer import find_routers
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +130,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     eval_metrics = trainer.evaluate()
     eval_metrics["perplexity"] = perplexity(eval_metrics["eval_loss"])
     if before:
-        eval_metrics |= {"eval_loss_before": before["before_loss"], "perplexity_before": perplexity(before["before_loss"])}
+        eval_metrics |= {"eval_loss_before": before["before_loss"],
+                         "perplexity_before": perplexity(before["before_loss"])}
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     if not trainer.is_world_process_zero():
@@ -137,7 +144,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         plot_curves({"train": series(history, "loss"), "eval": series(history, "eval_loss")},
                     f"{output_dir}/loss.png", title="Loss", ylabel="loss")
         plots = [("Training and evaluation loss", "loss.png")]
-    card_metrics = {key: eval_metrics[key] for key in ("eval_loss_before", "eval_loss", "perplexity") if key in eval_metrics}
+    card_metrics = {key: eval_metrics[key] for key in ("eval_loss_before", "eval_loss", "perplexity")
+                    if key in eval_metrics}
     routing = None
     if balance is not None:
         config = model.config

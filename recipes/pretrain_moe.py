@@ -24,19 +24,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
-
-import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
-from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig
-from hf_signopt.moe.balancer import find_routers
 from recipe_utils import (
     TRAINING_DEFAULTS,
     DataArguments,
@@ -57,7 +44,19 @@ from recipe_utils import (
     train_tokenizer,
     write_model_card,
 )
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
+import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
+from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig
+from hf_signopt.moe.balancer import find_routers
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,8 @@ class MoeTrainer(Trainer):
             if routers and self.router_learning_rate_ratio != 1:
                 group["params"] = [p for p in group["params"] if id(p) not in router_ids]
                 settings = {key: value for key, value in group.items() if key != "params"}
-                optimizer.add_param_group({**settings, "params": routers, "lr": group["lr"] * self.router_learning_rate_ratio})
+                lr = group["lr"] * self.router_learning_rate_ratio
+                optimizer.add_param_group({**settings, "params": routers, "lr": lr})
         return optimizer
 
 

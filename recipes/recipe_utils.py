@@ -28,7 +28,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-
 logger = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parent
@@ -80,7 +79,9 @@ class DataArguments:
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"Data file {path!r} does not exist.")
         if not 0 < self.validation_split_percentage < 100:
-            raise ValueError(f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}.")
+            raise ValueError(
+                f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}."
+            )
         if self.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}.")
 
@@ -98,7 +99,9 @@ class RunArguments:
         default=False, metadata={"help": "Train into an output directory that already holds a run."}
     )
     make_plots: bool = dataclasses.field(default=True, metadata={"help": "Write PNG plots."})
-    sample_prompt: str = dataclasses.field(default="ROMEO:", metadata={"help": "Prompt of the final sample; '' for none."})
+    sample_prompt: str = dataclasses.field(
+        default="ROMEO:", metadata={"help": "Prompt of the final sample; '' for none."}
+    )
     sample_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sample length, in [1, 1024]."})
 
     def __post_init__(self) -> None:
@@ -375,7 +378,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str]
 
 
 OPTIMIZER_DESCRIPTIONS = {
-    "lion": "Lion (Chen et al. 2023): `p -= lr * sign(beta1 * m + (1 - beta1) * g)`, `m = beta2 * m + (1 - beta2) * g`.",
+    "lion": "Lion (Chen et al. 2023): `p -= lr * sign(beta1 * m + (1 - beta1) * g)`, "
+            "`m = beta2 * m + (1 - beta2) * g`.",
     "signum": "Signum (Bernstein et al. 2018): `m = mu * m + (1 - mu) * g`, `p -= lr * sign(m)`.",
     "signsgd": "signSGD (Bernstein et al. 2018): `p -= lr * sign(g)`; no state.",
     "signmomentum": "sign momentum: `m = mu * m + (1 - mu) * sign(g)`, `p -= lr * m`.",
@@ -399,7 +403,8 @@ def write_model_card(trainer: Any, *, recipe: str, dataset: str, metrics: Mappin
     training = {
         "max_steps": trainer.state.max_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "processes": args.world_size,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "weight_decay": args.weight_decay, "seed": args.seed,
     }
     tags = (["moe"] + (["loss-free-balancing"] if routing["balancing"] == "loss-free" else [])) if routing else []

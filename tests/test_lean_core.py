@@ -32,7 +32,8 @@ PROGRAM = textwrap.dedent(
     balancer.remove()
     args = TrainingArguments("unused", optim="simba", max_steps=1, report_to=[], use_cpu=True)
     Trainer(model=model, args=args, callbacks=[hf_signopt.LossFreeBalanceCallback()])
-    loaded = [name for name, module in sys.modules.items() if module is not None and name.split(".")[0] in {RECIPE_ONLY!r}]
+    loaded = [name for name, module in sys.modules.items()
+              if module is not None and name.split(".")[0] in {RECIPE_ONLY!r}]
     assert not loaded, loaded
     print("lean core ok")
     """

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-import hf_signopt
+import hf_signopt  # noqa: F401  (registers the optim names with TrainingArguments)
 from hf_signopt.optim import Lion, SignMomentum, Signum, Simba
 
 
@@ -21,7 +21,8 @@ _CHECKPOINTING = next(
 )
 NAMES = {"lion": Lion, "signum": Signum, "signsgd": Signum, "signmomentum": SignMomentum, "simba": Simba}
 SEQ_LEN = 32
-_TEXT = (Path(__file__).resolve().parent.parent / "recipes" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+_CORPUS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tinyshakespeare.txt"
+_TEXT = _CORPUS.read_text(encoding="utf-8")[:20_000]
 _VOCAB = {char: index for index, char in enumerate(sorted(set(_TEXT)))}
 _TOKENS = torch.tensor([_VOCAB[char] for char in _TEXT])
 
