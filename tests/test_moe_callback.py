@@ -123,6 +123,41 @@ def test_one_sign_update_per_optimizer_step_with_gradient_accumulation(tmp_path)
         assert entry["moe/maxvio_max"] == pytest.approx(per_layer.max().item(), rel=1e-5)
 
 
+def test_steps_after_the_last_log_are_reported_with_the_training_summary(tmp_path):
+    model = tiny_lossfree()
+    recorder = RoutingRecorder(model, 8)
+    # 5 steps, a log every 2: steps 1-2 and 3-4 in the training logs, step 5 with the final summary.
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=5, logging_steps=2),
+                      train_dataset=token_dataset(24), callbacks=[LossFreeBalanceCallback(), recorder])
+    trainer.train()
+    history = trainer.state.log_history
+    logged = [entry for entry in history if "loss" in entry]
+    groups = [recorder.step_counts[0:2], recorder.step_counts[2:4]]
+    for entry, steps in zip(logged, groups, strict=True):
+        per_layer = torch.stack([maxvio(counts) for counts in steps]).mean(dim=0)
+        assert entry["moe/maxvio"] == pytest.approx(per_layer.mean().item(), rel=1e-5)
+    summary = history[-1]
+    assert "train_runtime" in summary and summary["step"] == 5
+    last = maxvio(recorder.step_counts[4])
+    assert summary["moe/maxvio"] == pytest.approx(last.mean().item(), rel=1e-5)
+    assert summary["moe/maxvio_max"] == pytest.approx(last.max().item(), rel=1e-5)
+
+
+def test_a_router_that_sees_no_token_is_left_out_of_finite_metrics(tmp_path):
+    model = tiny_lossfree()
+    # The second layer's experts never run (as a vision MoE's fed text only): its router sees no token.
+    model.model.layers[1].mlp.forward = torch.zeros_like
+    recorder = RoutingRecorder(model, 8)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=token_dataset(24),
+                      eval_dataset=token_dataset(8, seed=2), callbacks=[LossFreeBalanceCallback(), recorder])
+    trainer.train()
+    metrics = trainer.evaluate()
+    for entry, counts in zip([e for e in trainer.state.log_history if "loss" in e], recorder.step_counts):
+        assert entry["moe/maxvio"] == pytest.approx(maxvio(counts[:1]).item(), rel=1e-5)  # the first layer alone
+        assert entry["moe/maxvio_max"] == entry["moe/maxvio"]
+    assert metrics["eval_moe/maxvio_global"] == pytest.approx(maxvio(recorder.eval_counts[:1]).item(), rel=1e-5)
+
+
 def test_evaluation_reports_maxvio_global_and_leaves_the_bias(tmp_path):
     model = tiny_lossfree()
     recorder = RoutingRecorder(model, 8)

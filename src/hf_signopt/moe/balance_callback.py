@@ -34,10 +34,14 @@ class LossFreeBalanceCallback(TrainerCallback):
     restores it.
 
     Metrics:
-        - with each training log: `moe/maxvio` (MaxVio averaged over the optimizer steps since the last
-          log, then over layers) and `moe/maxvio_max` (the same, worst layer);
+        - with each training log, and with the final training summary for the steps after the last log:
+          `moe/maxvio` (MaxVio averaged over the optimizer steps since the last log, then over layers) and
+          `moe/maxvio_max` (the same, worst layer);
         - with each evaluation: `{prefix}_moe/maxvio_global` (MaxVio of the loads summed over the whole
           evaluation run, averaged over layers) and `{prefix}_moe/maxvio_global_max` (worst layer).
+
+        A router that saw no token (MaxVio NaN) is left out of the mean and the worst layer, with one warning;
+        the figures are never NaN.
 
     The loads behind the last evaluation's figures stay in `last_eval_metrics` (a `LoadBalanceMetrics`, with
     the tokens each expert of each layer received).
@@ -62,10 +66,11 @@ class LossFreeBalanceCallback(TrainerCallback):
         self.update_rate = None if update_rate is None else validate_update_rate(update_rate, "update_rate")
         self.update_rule = None if update_rule is None else validate_update_rule(update_rule, "update_rule")
         self.balancer: LossFreeBalancer | None = None
-        self._maxvio_sum: torch.Tensor | None = None
-        self._steps_since_log = 0
+        self._maxvio_sum: torch.Tensor | None = None  # per layer, over the steps since the last log
+        self._routed_steps: torch.Tensor | None = None  # per layer, the steps in which it routed tokens
         self._eval_summary: dict[str, float] | None = None
         self.last_eval_metrics: LoadBalanceMetrics | None = None
+        self._idle_routers_reported = False
 
     def _attach(self, model: nn.Module) -> None:
         if self.balancer is not None and self.balancer.model is model:
@@ -78,8 +83,7 @@ class LossFreeBalanceCallback(TrainerCallback):
             previous.remove()
         self.balancer = LossFreeBalancer(model, self.update_rate, self.update_rule, count_eval_tokens=True)
         _CALLBACK_BALANCERS.add(self.balancer)
-        self._maxvio_sum = None
-        self._steps_since_log = 0
+        self._maxvio_sum = self._routed_steps = None
         logger.info(
             f"LossFreeBalanceCallback: balancing {len(self.balancer.router_names)} routers "
             f"(rule={self.balancer.update_rule}, rate={self.balancer.update_rate})"
@@ -108,8 +112,10 @@ class LossFreeBalanceCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """One bias update per optimizer step, after all its micro-batches."""
         metrics = self.balancer.step()
-        self._maxvio_sum = metrics.maxvio if self._maxvio_sum is None else self._maxvio_sum + metrics.maxvio
-        self._steps_since_log += 1
+        if self._maxvio_sum is None:
+            self._maxvio_sum, self._routed_steps = torch.zeros_like(metrics.maxvio), torch.zeros_like(metrics.maxvio)
+        self._maxvio_sum += metrics.maxvio.nan_to_num(0.0)
+        self._routed_steps += ~metrics.maxvio.isnan()
         # An evaluation that follows this step must not see eval-mode forwards made before it.
         self.balancer.reset_eval_counts()
 
@@ -117,12 +123,10 @@ class LossFreeBalanceCallback(TrainerCallback):
         """Add the MoE metrics to a training log (`loss` present) or an evaluation log."""
         if logs is None or self.balancer is None:
             return
-        if "loss" in logs and self._steps_since_log:
-            per_layer = self._maxvio_sum / self._steps_since_log
-            mean, highest = torch.stack([per_layer.mean(), per_layer.max()]).tolist()
-            added = {"moe/maxvio": mean, "moe/maxvio_max": highest}
-            self._maxvio_sum = None
-            self._steps_since_log = 0
+        if ("loss" in logs or "train_runtime" in logs) and self._maxvio_sum is not None:
+            # A training log, or the final training summary: it reports the steps after the last training log.
+            added = self._summary(self._maxvio_sum / self._routed_steps, "moe/maxvio", "moe/maxvio_max")
+            self._maxvio_sum = self._routed_steps = None
         else:
             prefix = _evaluation_prefix(logs)
             if prefix is None:
@@ -154,12 +158,23 @@ class LossFreeBalanceCallback(TrainerCallback):
         # Computed once per evaluation (it is a collective: every rank reaches on_log and on_evaluate).
         if self._eval_summary is None:
             self.last_eval_metrics = self.balancer.eval_metrics(reset=False)
-            summary = self.last_eval_metrics.to_dict(prefix=f"{prefix}_moe/")
-            self._eval_summary = {
-                f"{prefix}_moe/maxvio_global": summary[f"{prefix}_moe/maxvio"],
-                f"{prefix}_moe/maxvio_global_max": summary[f"{prefix}_moe/maxvio_max"],
-            }
+            self._eval_summary = self._summary(
+                self.last_eval_metrics.maxvio, f"{prefix}_moe/maxvio_global", f"{prefix}_moe/maxvio_global_max"
+            )
         return self._eval_summary
+
+    def _summary(self, per_layer: torch.Tensor, mean_key: str, max_key: str) -> dict[str, float]:
+        """Mean and worst layer of a per-layer MaxVio, over the layers that routed tokens (NaN marks the others)."""
+        routed = ~per_layer.isnan()
+        mean, highest, idle = torch.stack([
+            per_layer.nanmean(), per_layer.where(routed, -torch.inf).max(), (~routed).sum()
+        ]).tolist()
+        if idle and not self._idle_routers_reported:
+            logger.warning(f"LossFreeBalanceCallback: {int(idle)} router(s) saw no token; MaxVio leaves them out")
+            self._idle_routers_reported = True
+        if idle == per_layer.numel():
+            return {}
+        return {mean_key: mean, max_key: highest}
 
 
 def _evaluation_prefix(metrics: dict) -> str | None:
