@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_signopt import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+from hf_signopt import LoadBalanceMetrics, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+from hf_signopt.moe.balancer import max_violation
 
 U = 0.001
 
@@ -135,6 +136,16 @@ def test_maxvio_per_layer_and_summary():
     summary = metrics.to_dict()
     assert summary["moe/maxvio"] == pytest.approx(sum(expected) / 2)
     assert summary["moe/maxvio_max"] == pytest.approx(max(expected))
+
+
+def test_summary_leaves_out_a_layer_that_routed_no_token():
+    counts = torch.tensor([[5, 1, 3, 3], [0, 0, 0, 0]])
+    maxvio = max_violation(counts, torch.tensor([4, 4]))
+    assert maxvio[1].isnan()
+    metrics = LoadBalanceMetrics(("a", "b"), counts, maxvio)
+    assert metrics.to_dict() == pytest.approx({"moe/maxvio": (5 - 3) / 3, "moe/maxvio_max": (5 - 3) / 3})
+    idle = LoadBalanceMetrics(("a", "b"), counts * 0, max_violation(counts * 0, torch.tensor([4, 4])))
+    assert idle.to_dict() == {}
 
 
 @pytest.mark.parametrize("as_keyword", [True, False])

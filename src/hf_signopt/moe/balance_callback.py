@@ -14,6 +14,7 @@ from .balancer import (
     LossFreeBalancer,
     attached_balancer,
     find_routers,
+    maxvio_summary,
     validate_update_rate,
     validate_update_rule,
 )
@@ -70,7 +71,6 @@ class LossFreeBalanceCallback(TrainerCallback):
         self._routed_steps: torch.Tensor | None = None  # per layer, the steps in which it routed tokens
         self._eval_summary: dict[str, float] | None = None
         self.last_eval_metrics: LoadBalanceMetrics | None = None
-        self._idle_routers_reported = False
 
     def _attach(self, model: nn.Module) -> None:
         if self.balancer is not None and self.balancer.model is model:
@@ -163,18 +163,10 @@ class LossFreeBalanceCallback(TrainerCallback):
             )
         return self._eval_summary
 
-    def _summary(self, per_layer: torch.Tensor, mean_key: str, max_key: str) -> dict[str, float]:
-        """Mean and worst layer of a per-layer MaxVio, over the layers that routed tokens (NaN marks the others)."""
-        routed = ~per_layer.isnan()
-        mean, highest, idle = torch.stack([
-            per_layer.nanmean(), per_layer.where(routed, -torch.inf).max(), (~routed).sum()
-        ]).tolist()
-        if idle and not self._idle_routers_reported:
-            logger.warning(f"LossFreeBalanceCallback: {int(idle)} router(s) saw no token; MaxVio leaves them out")
-            self._idle_routers_reported = True
-        if idle == per_layer.numel():
-            return {}
-        return {mean_key: mean, max_key: highest}
+    @staticmethod
+    def _summary(per_layer: torch.Tensor, mean_key: str, max_key: str) -> dict[str, float]:
+        summary = maxvio_summary(per_layer)
+        return {} if summary is None else {mean_key: summary[0], max_key: summary[1]}
 
 
 def _evaluation_prefix(metrics: dict) -> str | None:

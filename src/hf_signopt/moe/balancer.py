@@ -130,6 +130,19 @@ def max_violation(counts: torch.Tensor, num_experts: torch.Tensor) -> torch.Tens
     return ((highest - mean) / mean).to(torch.float32)
 
 
+def maxvio_summary(maxvio: torch.Tensor) -> tuple[float, float] | None:
+    """Mean and worst layer of a per-layer MaxVio, over the layers that routed tokens. Synchronizes once.
+
+    A layer that routed no token (NaN) is left out, and a warning says so once; `None` when no layer routed any.
+    """
+    routed = ~maxvio.isnan()
+    highest = maxvio.where(routed, -torch.inf).max()
+    mean, highest, idle = torch.stack([maxvio.nanmean(), highest, (~routed).sum()]).tolist()
+    if idle:
+        logger.warning_once("Some MoE routers saw no token; the MaxVio figures leave them out")
+    return None if idle == maxvio.numel() else (mean, highest)
+
+
 @dataclass(frozen=True)
 class LoadBalanceMetrics:
     """Load statistics of the routers over the tokens counted since the last reset.
@@ -145,9 +158,12 @@ class LoadBalanceMetrics:
     maxvio: torch.Tensor
 
     def to_dict(self, prefix: str = "moe/") -> dict[str, float]:
-        """Host-side summary: `{prefix}maxvio` (mean over layers) and `{prefix}maxvio_max`. Synchronizes."""
-        mean, highest = torch.stack([self.maxvio.mean(), self.maxvio.max()]).tolist()
-        return {f"{prefix}maxvio": mean, f"{prefix}maxvio_max": highest}
+        """Host-side summary: `{prefix}maxvio` (mean over layers) and `{prefix}maxvio_max`. Synchronizes.
+
+        Layers that routed no token are left out (`maxvio_summary`); empty when none routed any.
+        """
+        summary = maxvio_summary(self.maxvio)
+        return {} if summary is None else {f"{prefix}maxvio": summary[0], f"{prefix}maxvio_max": summary[1]}
 
 
 class LossFreeBalancer:
