@@ -11,11 +11,12 @@ from hf_signopt.optim import _cpu_kernels, _functional
 
 @pytest.fixture
 def fresh_kernels(monkeypatch, tmp_path):
-    """Forget the loaded library and build into an empty cache directory."""
+    """Forget the loaded library and build into a cache directory that does not exist yet."""
     monkeypatch.setattr(_cpu_kernels, "_library", None)
     monkeypatch.setattr(_cpu_kernels, "_failure", None)
-    monkeypatch.setenv("HF_SIGNOPT_KERNEL_CACHE", str(tmp_path))
-    return tmp_path
+    monkeypatch.setenv("HF_SIGNOPT_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where an unsafe cache would fall back to
+    return tmp_path / "cache"
 
 
 def test_no_compiler_falls_back_to_foreach(fresh_kernels, monkeypatch):
@@ -40,9 +41,13 @@ def test_no_compiler_falls_back_to_foreach(fresh_kernels, monkeypatch):
 
 @pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
 def test_kernels_are_built_once_into_the_cache(fresh_kernels, monkeypatch):
-    library = _cpu_kernels.load(required=True)
+    with mock.patch.object(_cpu_kernels.logger, "warning") as warning:
+        library = _cpu_kernels.load(required=True)
+    warning.assert_not_called()  # tmp_path is private, under the sticky /tmp: accepted
     built = list(fresh_kernels.glob("hf_signopt_kernels_*.so"))
     assert len(built) == 1 and list(fresh_kernels.iterdir()) == built  # no temporary left behind
+    assert fresh_kernels.stat().st_mode & 0o777 == 0o700  # created private
+    assert built[0].stat().st_mode & 0o777 == 0o700  # whatever the umask
     stamp = built[0].stat().st_mtime_ns
 
     monkeypatch.setattr(_cpu_kernels, "_library", None)
@@ -54,9 +59,9 @@ def test_kernels_are_built_once_into_the_cache(fresh_kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(dict(fused=True), id="fused", marks=pytest.mark.skipif(
+    pytest.param({"fused": True}, id="fused", marks=pytest.mark.skipif(
         _cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")),
-    pytest.param(dict(foreach=True), id="foreach"),
+    pytest.param({"foreach": True}, id="foreach"),
 ])
 def test_step_marks_parameters_modified_for_autograd(path):
     """Updating a parameter that a pending graph saved must make backward() fail, not silently misbehave."""
@@ -78,7 +83,7 @@ def test_non_contiguous_gradient_takes_the_torch_path():
     q = torch.nn.Parameter(torch.zeros(3, 4))
     q.grad = grad
     if _cpu_kernels.load(required=False) is not None:
-        with pytest.raises(RuntimeError, match="fused=True needs plain contiguous CPU parameters.*non-contiguous"):
+        with pytest.raises(RuntimeError, match="fused=True needs plain contiguous parameters.*non-contiguous"):
             Lion([q], lr=1.0, fused=True).step()
 
 
@@ -106,7 +111,7 @@ def test_compiler_without_openmp_gives_single_threaded_kernels(fresh_kernels, mo
         assert _cpu_kernels.load(required=True) is not None
     assert "no OpenMP" in warning.call_args[0][0]
     results = []
-    for path in (dict(fused=True), dict(foreach=True)):
+    for path in ({"fused": True}, {"foreach": True}):
         gen = torch.Generator().manual_seed(0)
         p = torch.nn.Parameter(torch.randn(50_000, generator=gen))
         opt = Lion([p], lr=0.01, weight_decay=0.1, **path)
