@@ -5,24 +5,11 @@ from unittest import mock
 
 import pytest
 import torch
+from optim_cases import OPTIMIZERS, PATHS
 
-from hf_signopt import Lion, SignMomentum, Signum, Simba
-from hf_signopt.optim import _base, _cpu_kernels, _functional
+from hf_signopt import Lion
+from hf_signopt.optim import _base, _functional
 
-CONFIGS = {
-    "lion": (Lion, dict(betas=(0.8, 0.95))),
-    "signum": (Signum, dict(momentum=0.8)),
-    "signsgd": (Signum, dict(momentum=0.0)),
-    "sign_momentum": (SignMomentum, dict(momentum=0.8)),
-    "simba": (Simba, dict(window_size=10, threshold=0.2)),
-    "simba_ema": (Simba, dict(window_size=200, threshold=0.01, momentum="ema")),
-}
-PATHS = [
-    pytest.param(dict(fused=True), id="fused", marks=pytest.mark.skipif(
-        _cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")),
-    pytest.param(dict(foreach=True), id="foreach"),
-    pytest.param(dict(foreach=False), id="single_tensor"),
-]
 BAD = [(0, 3, float("nan")), (0, 7, float("inf")), (1, 2, float("-inf"))]  # (tensor, index, value)
 
 
@@ -39,9 +26,9 @@ def trained_optimizer(cls, hparams, path, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_nonfinite_elements_are_skipped(name, dtype, path):
-    cls, hparams = CONFIGS[name]
+    cls, hparams = OPTIMIZERS[name]
     params, opt = trained_optimizer(cls, hparams, path, dtype)
     clean_opt = copy.deepcopy(opt)  # same state, every gradient finite
     clean_params = [g["params"] for g in clean_opt.param_groups][0]
@@ -73,10 +60,10 @@ def test_nonfinite_elements_are_skipped(name, dtype, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_step_reads_nothing_back_from_the_device(name, path):
     """With the check interval off, a step never converts a tensor to a Python value."""
-    cls, hparams = CONFIGS[name]
+    cls, hparams = OPTIMIZERS[name]
     params, opt = trained_optimizer(cls, hparams, path, torch.float32)
     params[0].grad[0] = float("nan")
 
@@ -115,7 +102,7 @@ def test_warning_every_interval_when_the_count_grew(path):
 
 
 @pytest.mark.parametrize("path", PATHS[1:])
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_nonfinite_elements_are_skipped_in_small_chunks(name, path, monkeypatch):
     """Torch path cut into 4-element chunks: bad elements in several chunks, each skipped and counted."""
     monkeypatch.setattr(_functional, "CPU_CHUNK_NUMEL", 4)

@@ -1,6 +1,6 @@
-"""Shared machinery of the sign optimizers: group validation, state buckets, non-finite reporting."""
+"""Shared machinery of the sign optimizers: group validation, the step loop, non-finite reporting."""
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ from . import _functional as F
 from ._validation import (
     check_grad,
     check_int_range,
+    check_lr,
     check_non_negative,
     check_optional_bool,
     check_param,
@@ -17,6 +18,26 @@ from ._validation import (
 )
 
 logger = logging.get_logger(__name__)
+
+DEFAULT_NONFINITE_CHECK_INTERVAL = 100
+
+IMPLEMENTATION_ARGS_DOC = """
+        foreach: Use the batched torch path (True), the per-tensor torch path (False) or decide
+            automatically (None).
+        fused: Use a fused single-pass kernel (True), never (False) or where one applies (None):
+            the C++/OpenMP kernel for CPU float32/bfloat16 parameters (needs a C++ compiler), the
+            Triton kernel for CUDA float32/bfloat16/float16 parameters (needs ``triton``).
+            Elsewhere, and inside ``torch.compile``, the default is the foreach path.
+        nonfinite_check_interval: Every this many steps read the device-side count of skipped
+            non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`;
+            a step compiled with ``torch.compile`` leaves the reading to `nonfinite_grad_count()`).
+"""
+
+
+def document_implementation_args(cls: type) -> type:
+    """Append the implementation arguments shared by every sign optimizer to `cls`'s Args section."""
+    cls.__doc__ = cls.__doc__.rstrip() + "\n" + IMPLEMENTATION_ARGS_DOC.rstrip() + "\n    "
+    return cls
 
 
 class SignOptimizer(torch.optim.Optimizer):
@@ -27,8 +48,15 @@ class SignOptimizer(torch.optim.Optimizer):
     host-device sync. The count is read (one sync) only every `nonfinite_check_interval` steps,
     where a warning is logged if it grew, and whenever `nonfinite_grad_count()` is called.
 
-    Subclasses define `_validate_group(group)` and `_step_group(group)`.
+    Subclasses define `_validate_group(group)` and `_step_group(group)`, which, as in
+    `torch/optim/adamw.py`, fills the tensor lists of the parameters that have a gradient with
+    `_init_group(group, params, grads, *state_lists)` (creating state on first use; dynamo runs
+    it eagerly when compiling a step) and makes one call of the algorithm's functional in
+    `_functional`. `LATER_GROUP_DEFAULTS` holds the group keys added after the first release,
+    filled in when an older state dict is loaded.
     """
+
+    LATER_GROUP_DEFAULTS: dict[str, Any] = {"foreach": None, "fused": None}
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite_check_interval: int) -> None:
         check_int_range("nonfinite_check_interval", nonfinite_check_interval, 0, 2**31 - 1)
@@ -50,6 +78,18 @@ class SignOptimizer(torch.optim.Optimizer):
         )
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also called by load_state_dict: groups saved by an older version (or by another Lion
+        # with the same state names) get the flags added since.
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_check_interval", DEFAULT_NONFINITE_CHECK_INTERVAL)
+        self.__dict__.setdefault("_nonfinite_counts", {})
+        self.__dict__.setdefault("_nonfinite_reported", 0)
+        self.__dict__.setdefault("_steps_taken", 0)
+        for group in self.param_groups:
+            for key, value in self.LATER_GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -57,13 +97,14 @@ class SignOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _normalize_state(self, group: dict[str, Any]) -> None:
-        """Bring a group's existing state to the dtypes its hyperparameters need (default: nothing)."""
+        """Bring a group's loaded state to the dtypes its hyperparameters need (default: nothing)."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, then re-validate the groups and restore the state dtypes.
 
         `torch.optim.Optimizer.load_state_dict` casts every state tensor of a floating-point
         parameter to the parameter's dtype; integer state (Simba's sign counts) is cast back here.
+        Groups saved without a flag added later (``foreach``, ``fused``, ...) get its default.
 
         Args:
             state_dict: A dict returned by `state_dict()`.
@@ -95,34 +136,29 @@ class SignOptimizer(torch.optim.Optimizer):
             if group["fused"]:
                 F.check_fused_supported(param)
 
-    def _counter(self, device: torch.device) -> torch.Tensor:
-        if device not in self._nonfinite_counts:
-            self._nonfinite_counts[device] = F.new_nonfinite_counter(device)
-        return self._nonfinite_counts[device]
+    def _with_grad(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Append the group's parameters that have a gradient, and the gradients.
 
-    def _buckets(
-        self, group: dict[str, Any], init_state: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-        state_keys: tuple[str, ...],
-    ) -> Iterator[tuple[str, list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]], torch.Tensor]]:
-        """Yield ``(impl, params, grads, state_lists, nonfinite_count)`` per (device, dtype) bucket.
-
-        Parameters without a gradient are skipped; state is created on first use by `init_state`.
+        Also creates the non-finite counter of each of their devices, here rather than in the
+        functional, so that a compiled step does not recompile once the counter exists.
         """
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            state = self.state[param]
-            if not state:
-                state.update(init_state(param))
-            buckets.setdefault((param.device, param.dtype), []).append(param)
-        for (device, _), params in buckets.items():
-            grads = [p.grad for p in params]
-            state_lists = [[self.state[p][key] for p in params] for key in state_keys]
-            impl = F.select_impl(
-                [*params, *grads, *(t for lst in state_lists for t in lst)], group["foreach"], group["fused"]
-            )
-            yield impl, params, grads, state_lists, self._counter(device)
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                if p.device not in self._nonfinite_counts:
+                    self._nonfinite_counts[p.device] = F.new_nonfinite_counter(p.device)
+
+    def _state_or_zeros(self, param: torch.Tensor, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The state tensor `key` of `param`, created as zeros shaped like it on first use."""
+        state = self.state[param]
+        if key not in state:
+            state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return state[key]
+
+    def _implementation_flags(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments every functional takes besides the hyperparameters."""
+        return dict(foreach=group["foreach"], fused=group["fused"], nonfinite_counts=self._nonfinite_counts)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -144,9 +180,10 @@ class SignOptimizer(torch.optim.Optimizer):
                     check_grad(param.grad)
         for group in self.param_groups:
             self._step_group(group)
-        self._steps_taken += 1
-        if self.nonfinite_check_interval and self._steps_taken % self.nonfinite_check_interval == 0:
-            self._report_nonfinite()
+        if not torch.compiler.is_compiling():  # a compiled step would recompile for each value of the count
+            self._steps_taken += 1
+            if self.nonfinite_check_interval and self._steps_taken % self.nonfinite_check_interval == 0:
+                self._report_nonfinite()
         return loss
 
     def nonfinite_grad_count(self) -> int:
@@ -172,24 +209,41 @@ class SignOptimizer(torch.optim.Optimizer):
 class MomentumSignOptimizer(SignOptimizer):
     """Base of the optimizers whose hyperparameters are `lr`, `momentum` and `weight_decay` (Signum, SignMomentum).
 
-    Subclasses document the arguments and define `_step_group(group)`.
+    State: ``momentum_buffer`` per parameter, unless `_uses_buffers(group)` says otherwise.
+    Subclasses document the arguments and set `_functional_step` to their functional in `_functional`.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
+        lr: float | torch.Tensor = 1e-4,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
-        nonfinite_check_interval: int = 100,
+        nonfinite_check_interval: int = DEFAULT_NONFINITE_CHECK_INTERVAL,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults, nonfinite_check_interval)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         check_unit_interval("momentum", group["momentum"])
         check_non_negative("weight_decay", group["weight_decay"])
+
+    def _uses_buffers(self, group: dict[str, Any]) -> bool:
+        return True
+
+    def _init_group(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                    momentum_buffers: list[torch.Tensor]) -> None:
+        self._with_grad(group, params, grads)
+        if self._uses_buffers(group):
+            momentum_buffers.extend(self._state_or_zeros(p, "momentum_buffer") for p in params)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params, grads, momentum_buffers = [], [], []
+        self._init_group(group, params, grads, momentum_buffers)
+        if params:
+            self._functional_step(params, grads, momentum_buffers, lr=group["lr"], momentum=group["momentum"],
+                                  weight_decay=group["weight_decay"], **self._implementation_flags(group))

@@ -1,48 +1,68 @@
 """Functional step math of the sign optimizers, on lists of tensors.
 
-Each `*_step` function updates parameters and optimizer state in place for tensors that share one
-device and dtype. Three implementations compute the same formulas:
+Each public ``*_step`` function updates parameters and optimizer state in place. It groups the
+tensors by device and dtype (torch's own `Optimizer._group_tensors_by_device_and_dtype`), works
+on the local shards of DTensor parameters (``fully_shard``: the step is elementwise), and runs
+one of four implementations of the same formulas, chosen per group in `select_impl`:
 
-* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU only, float32
-  and bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
+* ``"fused"``: one pass of a compiled C++/OpenMP kernel over every element (CPU, float32 and
+  bfloat16 parameters); see `hf_signopt.optim._cpu_kernels`.
+* ``"triton"``: one pass of a Triton multi-tensor kernel, one launch for all tensors of a group
+  (CUDA, float32/bfloat16/float16 parameters); see `hf_signopt.optim._triton_kernels`.
 * ``"foreach"``: torch tensor operations (batched ``torch._foreach_*`` ops where torch has them)
   over the whole list, taken in chunks that bound the work buffers and, on CPU, fit in cache (any
-  device, any float dtype). This is the CUDA path; the project's tests run it on CPU only (no GPU
-  was available to verify a fused CUDA kernel, so none is provided).
+  device, any float dtype). This is the path ``torch.compile`` traces.
 * ``"single_tensor"``: the same torch operations applied one tensor at a time.
 
-`select_impl` is the one place that chooses between them.
-
 Non-finite gradient elements (NaN, +-inf) leave their parameter element and every state element
-unchanged (weight decay included), and their number is added to the device-side int64 tensor
-``nonfinite_count`` without any host-device synchronisation. The torch paths do this with float
-arithmetic, not branches: a 0/1 mask of the finite elements multiplies the parameter update, and
-state is lerped toward a target that equals the state itself where the gradient was not finite.
+unchanged (weight decay included), and their number is added to a device-side int64 tensor
+without any host-device synchronisation. The torch paths do this with float arithmetic, not
+branches: a 0/1 mask of the finite elements multiplies the parameter update, and state is lerped
+toward a target that equals the state itself where the gradient was not finite.
+
+The learning rate may be a float or a 0-dim tensor (no recompiles when a scheduler changes it in
+a compiled step); both give bitwise the same result.
 """
 
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 
-from . import _cpu_kernels
+from . import _cpu_kernels, _triton_kernels
 
 Tensors = list[torch.Tensor]
 
+try:  # what fully_shard (FSDP2) makes of parameters
+    from torch.distributed.tensor import DTensor
+except ImportError:  # builds without torch.distributed, or torch < 2.5 (no public module)
+    DTensor = ()
+
 
 def check_fused_supported(param: torch.Tensor) -> None:
-    """Raise ValueError if the fused CPU kernel cannot update `param` (device or dtype)."""
-    if param.device.type != "cpu" or param.dtype not in _cpu_kernels.SUPPORTED_DTYPES:
+    """Raise ValueError if no fused kernel can update `param` (device or dtype)."""
+    kernels = _fused_kernels(param.device)
+    if kernels is None or param.dtype not in kernels.SUPPORTED_DTYPES:
         raise ValueError(
-            f"fused=True supports CPU parameters of dtype float32 or bfloat16; got {param.dtype} on {param.device}"
+            "fused=True supports CPU parameters of dtype float32 or bfloat16 and CUDA parameters of dtype "
+            f"float32, bfloat16 or float16 (Triton); got {param.dtype} on {param.device}"
         )
+
+
+def _fused_kernels(device: torch.device) -> ModuleType | None:
+    """The fused kernel module for `device`: Triton on CUDA (and on CPU as a testing aid), else C++ on CPU."""
+    if device.type == "cuda" or (device.type == "cpu" and _triton_kernels.cpu_enabled()):
+        return _triton_kernels
+    return _cpu_kernels if device.type == "cpu" else None
 
 
 def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> str:
     """Choose the step implementation for tensors that share one device and parameter dtype.
 
-    ``fused=None, foreach=None`` (the default) picks the fused kernel where it applies (CPU, float32
-    or bfloat16, contiguous tensors, a working compiler) and ``foreach`` elsewhere, CUDA included
-    (the fused kernel is CPU-only). ``foreach=False`` selects ``single_tensor``.
+    ``fused=None, foreach=None`` (the default) picks the fused kernel where it applies (CPU: the C++
+    kernel, float32 or bfloat16, and a working compiler; CUDA: the Triton kernel when triton
+    imports) for plain contiguous tensors, and ``foreach`` elsewhere. ``foreach=False`` selects
+    ``single_tensor``. Inside ``torch.compile`` the default is ``foreach``, which dynamo traces.
 
     Args:
         tensors: Every tensor the step touches (parameters first, then gradients and state).
@@ -50,19 +70,25 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
         fused: The optimizer's ``fused`` flag (None: decide automatically).
 
     Returns:
-        ``"fused"``, ``"foreach"`` or ``"single_tensor"``.
+        ``"fused"``, ``"triton"``, ``"foreach"`` or ``"single_tensor"``.
 
     Raises:
-        RuntimeError: ``fused=True`` was requested where the fused kernel does not apply.
+        RuntimeError: ``fused=True`` was requested where no fused kernel applies.
     """
+    if torch.compiler.is_compiling():
+        if fused:
+            raise RuntimeError("fused=True kernels cannot be traced by torch.compile; use the default or foreach=True")
+        return "single_tensor" if foreach is False else "foreach"
     param = tensors[0]
-    supported = param.device.type == "cpu" and param.dtype in _cpu_kernels.SUPPORTED_DTYPES
-    # The kernel reads raw memory: plain contiguous CPU tensors only (no DTensor or other subclass),
-    # floats in the parameter's dtype (state left behind by a later model.to(...) is not), counters int8/int16.
+    kernels = _fused_kernels(param.device)
+    supported = kernels is not None and param.dtype in kernels.SUPPORTED_DTYPES
+    # The kernels read raw memory: plain contiguous tensors on one device (no DTensor or other
+    # subclass), floats in the parameter's dtype (state left behind by a later model.to(...) is
+    # not), counters int8/int16. Gradients and state are shaped like their parameters (`_local`).
     plain = all(
         type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.is_contiguous()
-        and t.device.type == "cpu"
+        and t.device == param.device
         and t.dtype in (param.dtype, torch.int8, torch.int16)
         for t in tensors
     )
@@ -70,16 +96,28 @@ def select_impl(tensors: Tensors, foreach: bool | None, fused: bool | None) -> s
     if fused:
         if not fused_ok:
             problem = (f"{param.dtype} on {param.device}" if not supported
-                       else "a non-contiguous, subclass, non-CPU or other-dtype gradient or state tensor")
+                       else "a non-contiguous, subclass, other-device or other-dtype gradient or state tensor")
             raise RuntimeError(
-                "fused=True needs plain contiguous CPU parameters, gradients and state of dtype float32 or "
-                f"bfloat16; got {problem}"
+                "fused=True needs plain contiguous parameters, gradients and state in the parameter's dtype "
+                "(CPU: float32 or bfloat16; CUDA: float32, bfloat16 or float16); got " + problem
             )
-        _cpu_kernels.load(required=True)
-        return "fused"
-    if fused is None and foreach is None and fused_ok and _cpu_kernels.load(required=False) is not None:
-        return "fused"
+        return _load(kernels, required=True)
+    if fused is None and foreach is None and fused_ok:
+        impl = _load(kernels, required=False)
+        if impl is not None:
+            return impl
     return "single_tensor" if foreach is False else "foreach"
+
+
+def _load(kernels: ModuleType, required: bool) -> str | None:
+    """The impl name of a fused kernel module if it can run (raising if `required` and it cannot)."""
+    if kernels is _triton_kernels:
+        if not _triton_kernels.available():
+            if required:
+                raise RuntimeError("fused=True on CUDA needs triton (pip install 'hf-signopt[triton]')")
+            return None
+        return "triton"
+    return "fused" if _cpu_kernels.load(required=required) is not None else None
 
 
 def new_nonfinite_counter(device: torch.device) -> torch.Tensor:
@@ -183,17 +221,23 @@ def _or_state(values: Tensors, state: Tensors, finite: Tensors, out: Tensors | N
     return out
 
 
-def _update_params_(params: Tensors, update: Tensors, finite: Tensors, *, lr: float, weight_decay: float,
-                    scratch: Tensors | None = None) -> None:
+def _update_params_(params: Tensors, update: Tensors, finite: Tensors, *, lr: float | torch.Tensor,
+                    weight_decay: float, scratch: Tensors | None = None) -> None:
     """p <- p - lr * (u + wd * p) = p * (1 - lr * wd) - lr * u where finite, p unchanged elsewhere.
 
-    With weight decay, ``u + wd * p`` is formed in `scratch` (default: in `update` itself).
+    ``u + wd * p`` (with weight decay) and ``lr * u`` (for a Tensor lr) are formed in `scratch`
+    (default: in `update` itself). ``p + (-1) * (lr * u) * f`` rounds exactly like
+    ``p + (-lr) * u * f``, so a Tensor lr gives bitwise the float lr's result.
     """
+    scratch = update if scratch is None else scratch
     if weight_decay != 0.0:
-        scratch = update if scratch is None else scratch
         for d, u, p in zip(scratch, update, params):
             torch.add(u, p, alpha=weight_decay, out=d)
         update = scratch
+    if isinstance(lr, torch.Tensor):
+        for d, u in zip(scratch, update):
+            torch.mul(u, lr, out=d)
+        update, lr = scratch, 1.0
     torch._foreach_addcmul_(params, update, finite, value=-lr)
 
 
@@ -291,51 +335,107 @@ def _torch_step(kernel: Callable, lists: tuple[Tensors, ...], nonfinite_count: t
     nonfinite_count.add_(total - torch.stack(finite_counts).sum())
 
 
-def _run(impl: str, torch_fn: Callable, fused_fn: Callable, lists: tuple[Tensors, ...], **hyper) -> None:
-    """Call the fused kernel, or the torch kernel on the whole lists or one tensor at a time."""
-    if impl == "fused":
-        fused_fn(*lists, **hyper)
-    elif impl == "foreach":
-        _torch_step(torch_fn, lists, **hyper)
+def _local(lists: tuple[Tensors, ...]) -> tuple[Tensors, ...]:
+    """The lists with DTensors replaced by their local shards (views of their storage).
+
+    The step is elementwise, so stepping the shards is stepping the DTensors, without DTensor
+    dispatch on every operation, provided a parameter, its gradient and its state are sharded alike.
+    """
+    if not any(isinstance(t, DTensor) for t in lists[0]):
+        return lists
+    local = tuple([t._local_tensor if isinstance(t, DTensor) else t for t in tensors] for tensors in lists)
+    for i, param in enumerate(local[0]):
+        for tensors, originals in zip(local[1:], lists[1:]):
+            if tensors[i].shape != param.shape:
+                raise RuntimeError(
+                    f"a parameter of placements {getattr(lists[0][i], 'placements', None)} and local shape "
+                    f"{tuple(param.shape)} has a gradient or state of placements "
+                    f"{getattr(originals[i], 'placements', None)} and local shape {tuple(tensors[i].shape)}; "
+                    "sign optimizers step the local shards and need them sharded alike"
+                )
+    return local
+
+
+def _device_dtype_groups(lists: tuple[Tensors, ...]) -> Iterator[tuple[Tensors, ...]]:
+    """The lists split by the parameters' (device, dtype), as torch's optimizers group them.
+
+    Only parameters and gradients go through torch's grouping (state may hold integer counters,
+    which it refuses); the state lists follow by index. Inside ``torch.compile`` torch leaves
+    grouping to inductor, so the lists are split here in Python instead (traced once).
+    """
+    if torch.compiler.is_compiling():
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(lists[0]):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        indices = list(groups.values())
     else:
-        for tensors in zip(*lists):
-            _torch_step(torch_fn, tuple([t] for t in tensors), **hyper)
+        grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(list(lists[:2]), with_indices=True)
+        indices = [group_indices for _, group_indices in grouped.values()]
+    for group_indices in indices:
+        yield _local(tuple([tensors[i] for i in group_indices] for tensors in lists))
 
 
-def lion_step(params: Tensors, grads: Tensors, exp_avgs: Tensors, *, lr: float, beta1: float, beta2: float,
-              weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
-    """Lion: c = b1*m + (1-b1)*g; p <- p*(1-lr*wd) - lr*sign(c); m <- b2*m + (1-b2)*g."""
-    _run(impl, _lion, _cpu_kernels.lion, (params, grads, exp_avgs), lr=lr, beta1=beta1, beta2=beta2,
-         weight_decay=weight_decay, nonfinite_count=nonfinite_count)
+def _step(name: str, torch_fn: Callable, lists: tuple[Tensors, ...], *, foreach: bool | None,
+          fused: bool | None, nonfinite_counts: dict[torch.device, torch.Tensor], **hyper) -> None:
+    """Run kernel `name` on each (device, dtype) group: fused C++, Triton, or `torch_fn` on the torch paths.
+
+    `nonfinite_counts` maps each device to its int64 count of skipped gradient elements, created here on first use.
+    """
+    for group in _device_dtype_groups(lists):
+        device = group[0][0].device
+        if device not in nonfinite_counts:
+            nonfinite_counts[device] = new_nonfinite_counter(device)
+        impl = select_impl([t for tensors in group for t in tensors], foreach, fused)
+        if impl == "fused":
+            lr = hyper["lr"]
+            fused_hyper = dict(hyper, lr=float(lr)) if isinstance(lr, torch.Tensor) else hyper
+            getattr(_cpu_kernels, name)(*group, nonfinite_count=nonfinite_counts[device], **fused_hyper)
+        elif impl == "triton":
+            getattr(_triton_kernels, name)(*group, nonfinite_count=nonfinite_counts[device], **hyper)
+        elif impl == "foreach":
+            _torch_step(torch_fn, group, nonfinite_counts[device], **hyper)
+        else:
+            for tensors in zip(*group):
+                _torch_step(torch_fn, tuple([t] for t in tensors), nonfinite_counts[device], **hyper)
 
 
-def signum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, momentum: float,
-                weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
-    """Signum: m <- mu*m + (1-mu)*g; p <- p*(1-lr*wd) - lr*sign(m). Empty buffers: signSGD."""
+def lion_step(params: Tensors, grads: Tensors, exp_avgs: Tensors, *, lr: float | torch.Tensor, beta1: float,
+              beta2: float, weight_decay: float, foreach: bool | None, fused: bool | None,
+              nonfinite_counts: dict[torch.device, torch.Tensor]) -> None:
+    """Lion: c = b1*m + (1-b1)*g; p <- p*(1-lr*wd) - lr*sign(c); m <- b2*m + (1-b2)*g. See `hf_signopt.Lion`."""
+    _step("lion", _lion, (params, grads, exp_avgs), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+          foreach=foreach, fused=fused, nonfinite_counts=nonfinite_counts)
+
+
+def signum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float | torch.Tensor,
+                momentum: float, weight_decay: float, foreach: bool | None, fused: bool | None,
+                nonfinite_counts: dict[torch.device, torch.Tensor]) -> None:
+    """Signum: m <- mu*m + (1-mu)*g; p <- p*(1-lr*wd) - lr*sign(m). No buffers: signSGD. See `hf_signopt.Signum`."""
+    flags = dict(foreach=foreach, fused=fused, nonfinite_counts=nonfinite_counts)
     if not momentum_buffers:
-        _run(impl, _signsgd, _cpu_kernels.signsgd, (params, grads), lr=lr, weight_decay=weight_decay,
-             nonfinite_count=nonfinite_count)
-        return
-    _run(impl, _signum, _cpu_kernels.signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
-         weight_decay=weight_decay, nonfinite_count=nonfinite_count)
+        _step("signsgd", _signsgd, (params, grads), lr=lr, weight_decay=weight_decay, **flags)
+    else:
+        _step("signum", _signum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
+              weight_decay=weight_decay, **flags)
 
 
-def sign_momentum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float, momentum: float,
-                       weight_decay: float, nonfinite_count: torch.Tensor, impl: str) -> None:
-    """SignMomentum: m <- mu*m + (1-mu)*sign(g); p <- p*(1-lr*wd) - lr*m."""
-    _run(impl, _sign_momentum, _cpu_kernels.sign_momentum, (params, grads, momentum_buffers), lr=lr,
-         momentum=momentum, weight_decay=weight_decay, nonfinite_count=nonfinite_count)
+def sign_momentum_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, *, lr: float | torch.Tensor,
+                       momentum: float, weight_decay: float, foreach: bool | None, fused: bool | None,
+                       nonfinite_counts: dict[torch.device, torch.Tensor]) -> None:
+    """SignMomentum: m <- mu*m + (1-mu)*sign(g); p <- p*(1-lr*wd) - lr*m. See `hf_signopt.SignMomentum`."""
+    _step("sign_momentum", _sign_momentum, (params, grads, momentum_buffers), lr=lr, momentum=momentum,
+          weight_decay=weight_decay, foreach=foreach, fused=fused, nonfinite_counts=nonfinite_counts)
 
 
-def simba_step(params: Tensors, grads: Tensors, sign_counts: Tensors, exp_avgs: Tensors, *, lr: float,
-               window_size: int, threshold: float, weight_decay: float, beta: float,
-               nonfinite_count: torch.Tensor, impl: str) -> None:
+def simba_step(params: Tensors, grads: Tensors, sign_counts: Tensors, exp_avgs: Tensors, *,
+               lr: float | torch.Tensor, window_size: int, threshold: float, weight_decay: float, beta: float,
+               foreach: bool | None, fused: bool | None, nonfinite_counts: dict[torch.device, torch.Tensor]) -> None:
     """Simba: u = sign(h) where |s| > int(w*threshold) else sign(g); p <- p*(1-lr*wd) - lr*u.
 
     ``h`` is the sign counter ``s`` itself (``exp_avgs`` empty, the "counts" variant) or the EMA
     ``m`` (the "ema" variant, then ``m <- beta*m + (1-beta)*g``). Finally
-    ``s <- clamp(s + sign(g), -w, w)``.
+    ``s <- clamp(s + sign(g), -w, w)``. See `hf_signopt.Simba`.
     """
     lists = (params, grads, sign_counts, exp_avgs) if exp_avgs else (params, grads, sign_counts)
-    _run(impl, _simba, _cpu_kernels.simba, lists, lr=lr, window_size=window_size, threshold=threshold,
-         weight_decay=weight_decay, beta=beta, nonfinite_count=nonfinite_count)
+    _step("simba", _simba, lists, lr=lr, window_size=window_size, threshold=threshold, weight_decay=weight_decay,
+          beta=beta, foreach=foreach, fused=fused, nonfinite_counts=nonfinite_counts)

@@ -22,6 +22,18 @@ def check_non_negative(name: str, value: object) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite value in [0, inf)")
 
 
+def check_lr(value: object) -> None:
+    """Require a learning rate in `[0, inf)`: a real number or a 0-dim floating-point tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid lr: a Tensor learning rate must be a 0-dim floating-point tensor; got shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        value = value.item()
+    check_non_negative("lr", value)
+
+
 def check_unit_interval(name: str, value: object, *, include_one: bool = False) -> None:
     """Require `value` in `[0, 1)` (or `[0, 1]` when `include_one`)."""
     number = _require_real(name, value)

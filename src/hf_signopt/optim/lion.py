@@ -6,10 +6,11 @@ from typing import Any
 import torch
 
 from . import _functional as F
-from ._base import SignOptimizer
-from ._validation import check_non_negative, check_unit_interval
+from ._base import DEFAULT_NONFINITE_CHECK_INTERVAL, SignOptimizer, document_implementation_args
+from ._validation import check_lr, check_non_negative, check_unit_interval
 
 
+@document_implementation_args
 class Lion(SignOptimizer):
     r"""Lion: the sign of an interpolation between momentum and gradient.
 
@@ -24,34 +25,27 @@ class Lion(SignOptimizer):
 
     Args:
         params: Parameters or parameter-group dicts.
-        lr: Learning rate, >= 0. Lion's lr is usually 3-10x smaller than AdamW's.
+        lr: Learning rate, >= 0: a float or a 0-dim tensor. Lion's lr is usually 3-10x smaller than AdamW's.
         betas: ``(beta1, beta2)``, each in [0, 1).
         weight_decay: Decoupled weight decay, >= 0 (usually 3-10x larger than AdamW's).
-        foreach: Use the batched torch path (True), the per-tensor torch path (False) or decide
-            automatically (None).
-        fused: Use the fused single-pass C++/OpenMP CPU kernel (True), never (False) or when it
-            applies (None: CPU float32/bfloat16 parameters and a working compiler). On CUDA the
-            default is the foreach path.
-        nonfinite_check_interval: Every this many steps read the device-side count of skipped
-            non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`).
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
+        lr: float | torch.Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
-        nonfinite_check_interval: int = 100,
+        nonfinite_check_interval: int = DEFAULT_NONFINITE_CHECK_INTERVAL,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults, nonfinite_check_interval)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2), each in [0, 1)")
@@ -59,9 +53,15 @@ class Lion(SignOptimizer):
         check_unit_interval("betas[1]", betas[1])
         check_non_negative("weight_decay", group["weight_decay"])
 
+    def _init_group(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                    exp_avgs: list[torch.Tensor]) -> None:
+        self._with_grad(group, params, grads)
+        exp_avgs.extend(self._state_or_zeros(p, "exp_avg") for p in params)
+
     def _step_group(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        init = lambda p: {"exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)}  # noqa: E731
-        for impl, params, grads, (exp_avgs,), count in self._buckets(group, init, ("exp_avg",)):
+        params, grads, exp_avgs = [], [], []
+        self._init_group(group, params, grads, exp_avgs)
+        if params:
+            beta1, beta2 = group["betas"]
             F.lion_step(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
-                        weight_decay=group["weight_decay"], nonfinite_count=count, impl=impl)
+                        weight_decay=group["weight_decay"], **self._implementation_flags(group))

@@ -5,9 +5,10 @@ from typing import Any
 import torch
 
 from . import _functional as F
-from ._base import MomentumSignOptimizer
+from ._base import MomentumSignOptimizer, document_implementation_args
 
 
+@document_implementation_args
 class Signum(MomentumSignOptimizer):
     r"""Signum: step along the sign of the gradient's momentum; ``momentum=0`` is signSGD.
 
@@ -23,25 +24,12 @@ class Signum(MomentumSignOptimizer):
 
     Args:
         params: Parameters or parameter-group dicts.
-        lr: Learning rate, >= 0.
+        lr: Learning rate, >= 0: a float or a 0-dim tensor.
         momentum: Momentum coefficient in [0, 1); 0 gives signSGD.
         weight_decay: Decoupled weight decay, >= 0.
-        foreach: Use the batched torch path (True), the per-tensor torch path (False) or decide
-            automatically (None).
-        fused: Use the fused single-pass C++/OpenMP CPU kernel (True), never (False) or when it
-            applies (None: CPU float32/bfloat16 parameters and a working compiler). On CUDA the
-            default is the foreach path.
-        nonfinite_check_interval: Every this many steps read the device-side count of skipped
-            non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`).
     """
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        if group["momentum"] == 0.0:
-            init, keys = (lambda p: {}), ()
-        else:
-            init = lambda p: {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}  # noqa: E731
-            keys = ("momentum_buffer",)
-        for impl, params, grads, state_lists, count in self._buckets(group, init, keys):
-            F.signum_step(params, grads, state_lists[0] if state_lists else [], lr=group["lr"],
-                          momentum=group["momentum"], weight_decay=group["weight_decay"], nonfinite_count=count,
-                          impl=impl)
+    _functional_step = staticmethod(F.signum_step)
+
+    def _uses_buffers(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] != 0.0  # signSGD keeps no state

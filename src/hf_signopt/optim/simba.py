@@ -6,8 +6,8 @@ from typing import Any, Literal
 import torch
 
 from . import _functional as F
-from ._base import SignOptimizer
-from ._validation import check_choice, check_int_range, check_non_negative, check_unit_interval
+from ._base import DEFAULT_NONFINITE_CHECK_INTERVAL, SignOptimizer, document_implementation_args
+from ._validation import check_choice, check_int_range, check_lr, check_non_negative, check_unit_interval
 
 MAX_WINDOW_SIZE = 32767
 
@@ -17,6 +17,7 @@ def sign_count_dtype(window_size: int) -> torch.dtype:
     return torch.int8 if window_size <= torch.iinfo(torch.int8).max else torch.int16
 
 
+@document_implementation_args
 class Simba(SignOptimizer):
     r"""Simba: trust the sign history where it is decisive, else the current gradient sign.
 
@@ -39,25 +40,20 @@ class Simba(SignOptimizer):
 
     Args:
         params: Parameters or parameter-group dicts.
-        lr: Learning rate, >= 0.
+        lr: Learning rate, >= 0: a float or a 0-dim tensor.
         window_size: Counter bound ``w``, an integer in [1, 32767].
         threshold: Fraction of the window ``|s|`` must exceed to trust the history, in [0, 1].
         weight_decay: Decoupled weight decay, >= 0.
         momentum: ``"counts"`` (sign of the counter) or ``"ema"`` (sign of a gradient EMA).
         beta: EMA coefficient in [0, 1) for ``momentum="ema"``.
-        foreach: Use the batched torch path (True), the per-tensor torch path (False) or decide
-            automatically (None).
-        fused: Use the fused single-pass C++/OpenMP CPU kernel (True), never (False) or when it
-            applies (None: CPU float32/bfloat16 parameters and a working compiler). On CUDA the
-            default is the foreach path.
-        nonfinite_check_interval: Every this many steps read the device-side count of skipped
-            non-finite gradient elements and warn if it grew (0: only on `nonfinite_grad_count()`).
     """
+
+    LATER_GROUP_DEFAULTS = {**SignOptimizer.LATER_GROUP_DEFAULTS, "momentum": "counts", "beta": 0.99}
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
+        lr: float | torch.Tensor = 1e-4,
         window_size: int = 128,
         threshold: float = 0.1,
         weight_decay: float = 0.0,
@@ -66,44 +62,52 @@ class Simba(SignOptimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
-        nonfinite_check_interval: int = 100,
+        nonfinite_check_interval: int = DEFAULT_NONFINITE_CHECK_INTERVAL,
     ) -> None:
         defaults = dict(lr=lr, window_size=window_size, threshold=threshold, weight_decay=weight_decay,
                         momentum=momentum, beta=beta, foreach=foreach, fused=fused)
         super().__init__(params, defaults, nonfinite_check_interval)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         check_int_range("window_size", group["window_size"], 1, MAX_WINDOW_SIZE)
         check_unit_interval("threshold", group["threshold"], include_one=True)
         check_non_negative("weight_decay", group["weight_decay"])
         check_choice("momentum", group["momentum"], ("counts", "ema"))
         check_unit_interval("beta", group["beta"])
 
+    def _fit_state(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """Bring one parameter's state to its group's hyperparameters: counters in the window's
+        dtype (clamped into it) and, for ``momentum="ema"``, an EMA."""
+        state, window_size = self.state[param], group["window_size"]
+        counts = state["sign_counts"]
+        if counts.dtype != sign_count_dtype(window_size):  # loaded (cast to float by torch), or another window
+            counts = counts.to(torch.int32).clamp_(-window_size, window_size)
+            state["sign_counts"] = counts.to(sign_count_dtype(window_size))
+        if group["momentum"] == "ema":
+            self._state_or_zeros(param, "exp_avg")
+
     def _normalize_state(self, group: dict[str, Any]) -> None:
-        window_size, counts_dtype = group["window_size"], sign_count_dtype(group["window_size"])
         for p in group["params"]:
-            state = self.state[p]
-            # Loaded (cast to float by torch) or edited (other window, ema switched on) state must fit.
-            if state and state["sign_counts"].dtype != counts_dtype:
-                counts = state["sign_counts"].to(torch.int32).clamp_(-window_size, window_size)
-                state["sign_counts"] = counts.to(counts_dtype)
-            if state and group["momentum"] == "ema" and "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if p in self.state:
+                self._fit_state(p, group)
+
+    def _init_group(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                    sign_counts: list[torch.Tensor], exp_avgs: list[torch.Tensor]) -> None:
+        self._with_grad(group, params, grads)
+        counts_dtype, ema = sign_count_dtype(group["window_size"]), group["momentum"] == "ema"
+        for p in params:
+            counts = self._state_or_zeros(p, "sign_counts", counts_dtype)
+            if counts.dtype != counts_dtype or (ema and "exp_avg" not in self.state[p]):
+                self._fit_state(p, group)  # the window or the momentum was changed in param_groups
+            sign_counts.append(self.state[p]["sign_counts"])
+            if ema:
+                exp_avgs.append(self.state[p]["exp_avg"])
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        window_size, ema = group["window_size"], group["momentum"] == "ema"
-        counts_dtype = sign_count_dtype(window_size)
-
-        def init(p: torch.Tensor) -> dict[str, torch.Tensor]:
-            state = {"sign_counts": torch.zeros_like(p, dtype=counts_dtype, memory_format=torch.preserve_format)}
-            if ema:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return state
-
-        self._normalize_state(group)
-        keys = ("sign_counts", "exp_avg") if ema else ("sign_counts",)
-        for impl, params, grads, state_lists, count in self._buckets(group, init, keys):
-            F.simba_step(params, grads, state_lists[0], state_lists[1] if ema else [], lr=group["lr"],
-                         window_size=window_size, threshold=group["threshold"],
-                         weight_decay=group["weight_decay"], beta=group["beta"], nonfinite_count=count, impl=impl)
+        params, grads, sign_counts, exp_avgs = [], [], [], []
+        self._init_group(group, params, grads, sign_counts, exp_avgs)
+        if params:
+            F.simba_step(params, grads, sign_counts, exp_avgs, lr=group["lr"], window_size=group["window_size"],
+                         threshold=group["threshold"], weight_decay=group["weight_decay"], beta=group["beta"],
+                         **self._implementation_flags(group))
