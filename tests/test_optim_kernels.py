@@ -133,3 +133,41 @@ def test_state_left_in_another_dtype_takes_the_torch_path():
     assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"]], None, None) == "foreach"
     fused = "fused" if _cpu_kernels.load(required=False) is not None else "foreach"
     assert _functional.select_impl([p, p.grad, opt.state[p]["exp_avg"].bfloat16()], None, None) == fused
+
+
+@pytest.mark.skipif(_cpu_kernels.load(required=False) is None, reason="no C++ compiler for the fused CPU kernel")
+@pytest.mark.parametrize("window_size, momentum", [(127, "counts"), (100, "ema"), (300, "counts"), (1000, "ema")])
+def test_fused_simba_vector_loop_matches_the_torch_path(window_size, momentum):
+    """Tensors long enough for the AVX2 loop (32 elements a pass) and its tail, counters started at their limits,
+    NaN/inf gradients: the counters agree exactly, parameters and EMA to the float32 rounding of the decay order."""
+    from hf_signopt import Simba
+
+    sizes = (4099, 64, 77)
+    runs = []
+    for path in (dict(fused=True), dict(foreach=False)):
+        params = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n))) for n in sizes]
+        opt = Simba(params, lr=0.01, window_size=window_size, threshold=0.3, weight_decay=0.1, momentum=momentum,
+                    **path)
+        for step in range(4):
+            for p in params:
+                g = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + p.numel()))
+                g[torch.rand(p.shape, generator=torch.Generator().manual_seed(step)) < 0.05] = float("nan")
+                g[:: 37] = float("inf")
+                g[5:: 41] = -float("inf")
+                g[7:: 13] = 0.0
+                p.grad = g
+            opt.step()
+            if step == 0:  # counters at and near the window's limits
+                for p in params:
+                    counts = opt.state[p]["sign_counts"]
+                    limits = torch.tensor([window_size, -window_size, window_size - 1, -window_size + 1, 0])
+                    counts.copy_(limits.repeat(counts.numel() // 5 + 1)[: counts.numel()].to(counts.dtype))
+        runs.append((params, opt))
+    (fused, fused_opt), (reference, reference_opt) = runs
+    for p, q in zip(fused, reference):
+        assert torch.equal(fused_opt.state[p]["sign_counts"], reference_opt.state[q]["sign_counts"])
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        if momentum == "ema":
+            torch.testing.assert_close(fused_opt.state[p]["exp_avg"], reference_opt.state[q]["exp_avg"], rtol=0,
+                                       atol=1e-6)
+    assert fused_opt.nonfinite_grad_count() == reference_opt.nonfinite_grad_count() > 0
