@@ -36,7 +36,7 @@ Tensors = list[torch.Tensor]
 try:  # what fully_shard (FSDP2) makes of parameters
     from torch.distributed.tensor import DTensor
 except ImportError:  # builds without torch.distributed, or torch < 2.5 (no public module)
-    DTensor = ()
+    DTensor = None
 
 
 def check_fused_supported(param: torch.Tensor) -> None:
@@ -341,9 +341,9 @@ def _local(lists: tuple[Tensors, ...]) -> tuple[Tensors, ...]:
     The step is elementwise, so stepping the shards is stepping the DTensors, without DTensor
     dispatch on every operation, provided a parameter, its gradient and its state are sharded alike.
     """
-    if not any(isinstance(t, DTensor) for t in lists[0]):
+    if DTensor not in set(map(type, lists[0])):  # type(), not isinstance: this runs on every step
         return lists
-    local = tuple([t._local_tensor if isinstance(t, DTensor) else t for t in tensors] for tensors in lists)
+    local = tuple([t._local_tensor if type(t) is DTensor else t for t in tensors] for tensors in lists)
     for i, param in enumerate(local[0]):
         for tensors, originals in zip(local[1:], lists[1:]):
             if tensors[i].shape != param.shape:
