@@ -216,7 +216,8 @@ def test_no_private_directory_at_all_means_the_foreach_path(kernels, monkeypatch
         plant(library, directory, real_library.name, 0o755)
         directory.chmod(0o777)
     monkeypatch.setattr(_cpu_kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
-    with mock.patch.object(_cpu_kernels.logger, "warning") as warning, mock.patch.object(_cpu_kernels.atexit, "register"):
+    with (mock.patch.object(_cpu_kernels.logger, "warning") as warning,
+          mock.patch.object(_cpu_kernels.atexit, "register")):
         assert _cpu_kernels.load(required=False) is None
         assert _cpu_kernels.load(required=False) is None
     assert not marker.exists()

@@ -148,7 +148,8 @@ def test_dozens_of_tensors_take_one_launch(monkeypatch):
     kernel = _triton_kernels._jitted("1")["_lion_kernel"]
     grids = []
     run = kernel.run
-    monkeypatch.setattr(kernel, "run", lambda *args, grid, **kwargs: grids.append(grid) or run(*args, grid=grid, **kwargs))
+    monkeypatch.setattr(kernel, "run",
+                        lambda *args, grid, **kwargs: grids.append(grid) or run(*args, grid=grid, **kwargs))
     _triton_kernels.lion(ours, grads, ours_avgs, nonfinite_count=count, **hyper)
     assert grids == [(sum(-(-n // 64) for n in sizes),)]  # one launch, one program per block of every tensor
     assert_bitwise(ours, params)

@@ -1,9 +1,5 @@
 """SignMomentum: momentum of gradient signs (seed 000, "sign GD with momentum")."""
 
-from typing import Any
-
-import torch
-
 from . import _functional as F
 from ._base import MomentumSignOptimizer, document_implementation_args
 

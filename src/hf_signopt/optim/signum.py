@@ -2,8 +2,6 @@
 
 from typing import Any
 
-import torch
-
 from . import _functional as F
 from ._base import MomentumSignOptimizer, document_implementation_args
 
