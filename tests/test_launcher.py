@@ -138,3 +138,44 @@ def test_usage_errors(argv, status, capsys):
         main(argv)
     assert exit_info.value.code == status
     assert "usage: python -m hf_signopt.run" in "".join(capsys.readouterr())
+
+
+# As run_clm.py does with --model_type: the config comes from AutoConfig.for_model, the model from_config.
+MOE_SCRIPT = textwrap.dedent(
+    """
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "lossfree_moe", vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=8, router_bias_update_rate=0.01,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 16, (16, 8))]
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    biases = [m.e_score_correction_bias.tolist() for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    logged = [entry["moe/maxvio"] for entry in trainer.state.log_history if "moe/maxvio" in entry]
+    print("RESULT " + json.dumps({"biases": biases, "maxvio": logged, "steps": trainer.state.global_step}))
+    """
+)
+
+
+@pytest.mark.e2e
+def test_unmodified_script_balances_a_lossfree_moe(tmp_path):
+    """The issue's report: every saved bias stayed zero. Now each step moves each bias by exactly +-0.01 or 0."""
+    script = tmp_path / "train_moe_unmodified.py"
+    script.write_text(MOE_SCRIPT)
+    command = [sys.executable, "-m", "hf_signopt.run", str(script), "--output_dir", str(tmp_path / "out"),
+               *SIMBA_ARGS, "--logging_steps", "1"]
+    result = _result(_run(command, cwd=tmp_path))
+    assert result["steps"] == 2 and len(result["biases"]) == 2 and len(result["maxvio"]) == 2  # one log a step
+    values = [value for bias in result["biases"] for value in bias]
+    assert any(value != 0 for value in values)  # a step's update can undo the previous one, not all of them
+    assert all(abs(abs(value) / 0.01 - round(abs(value) / 0.01)) < 1e-4 and abs(value) <= 0.02 + 1e-7
+               for value in values)

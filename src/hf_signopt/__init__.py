@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
 from .integrations.auto_lossfree_moe import register_lossfree_moe
+from .integrations.peft_router_bias import register_peft_router_bias
 from .moe import (
     LoadBalanceMetrics,
     LossFreeBalanceCallback,
@@ -20,6 +21,13 @@ from .moe import (
     LossFreeMoeModel,
     LossFreeMoePreTrainedModel,
     LossFreeMoeTopKRouter,
+    TrainerBalanceCallback,
+    add_router_bias,
+    attached_balancer,
+    disable_balancing,
+    enable_balancing,
+    register_trainer_balance_callback,
+    router_param_groups,
 )
 from .optim import Lion, SignMomentum, Signum, Simba
 
@@ -27,6 +35,10 @@ from .optim import Lion, SignMomentum, Signum, Simba
 register_sign_optimizers()
 # `AutoConfig` / `AutoModel*` resolve `model_type="lossfree_moe"`.
 register_lossfree_moe()
+# Every `Trainer` reports (and, under DeepSpeed, makes) the bias updates of a model that balances itself.
+register_trainer_balance_callback()
+# PEFT adapters save the router biases (PEFT is wrapped when it is imported).
+register_peft_router_bias()
 
 __all__ = [
     "__version__",
@@ -46,7 +58,14 @@ __all__ = [
     "SignMomentum",
     "Signum",
     "Simba",
+    "TrainerBalanceCallback",
+    "add_router_bias",
+    "attached_balancer",
+    "disable_balancing",
+    "enable_balancing",
     "register_lossfree_moe",
     "register_sign_optimizers",
+    "register_trainer_balance_callback",
     "register_trainer_optimizer",
+    "router_param_groups",
 ]

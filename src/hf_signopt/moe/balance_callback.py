@@ -67,27 +67,35 @@ class LossFreeBalanceCallback(TrainerCallback):
         self.update_rate = None if update_rate is None else validate_update_rate(update_rate, "update_rate")
         self.update_rule = None if update_rule is None else validate_update_rule(update_rule, "update_rule")
         self.balancer: LossFreeBalancer | None = None
-        self._maxvio_sum: torch.Tensor | None = None  # per layer, over the steps since the last log
-        self._routed_steps: torch.Tensor | None = None  # per layer, the steps in which it routed tokens
+        self._updates_seen = 0  # balancer.steps_taken at the end of the last optimizer step
         self._eval_summary: dict[str, float] | None = None
         self.last_eval_metrics: LoadBalanceMetrics | None = None
 
-    def _attach(self, model: nn.Module) -> None:
-        if self.balancer is not None and self.balancer.model is model:
-            return
-        if self.balancer is not None:
-            self.balancer.remove()
+    def _attach(self, model: nn.Module, create: bool = True) -> None:
+        """Use the balancer the model has (its own, or another callback's), else make one if `create`."""
         previous = attached_balancer(model)
-        if previous is not None and previous in _CALLBACK_BALANCERS:
-            logger.warning("LossFreeBalanceCallback: taking over from the LossFreeBalanceCallback attached before")
-            previous.remove()
-        self.balancer = LossFreeBalancer(model, self.update_rate, self.update_rule, count_eval_tokens=True)
-        _CALLBACK_BALANCERS.add(self.balancer)
-        self._maxvio_sum = self._routed_steps = None
-        logger.info(
-            f"LossFreeBalanceCallback: balancing {len(self.balancer.router_names)} routers "
-            f"(rule={self.balancer.update_rule}, rate={self.balancer.update_rate})"
-        )
+        if previous is not None and previous is self.balancer and previous.attached:
+            return
+        if previous is not None and (previous.follow_optimizer or previous in _CALLBACK_BALANCERS) and (
+            previous.count_eval_tokens
+        ):
+            for argument, value in (("update_rate", self.update_rate), ("update_rule", self.update_rule)):
+                if value is not None and value != getattr(previous, argument):
+                    raise ValueError(
+                        f"LossFreeBalanceCallback({argument}={value!r}) contradicts the balancer the model already "
+                        f"has ({argument}={getattr(previous, argument)!r}); set only one of them"
+                    )
+            self.balancer = previous
+        elif create:
+            self.balancer = LossFreeBalancer(model, self.update_rate, self.update_rule, count_eval_tokens=True)
+            _CALLBACK_BALANCERS.add(self.balancer)
+            logger.info(
+                f"LossFreeBalanceCallback: balancing {len(self.balancer.router_names)} routers "
+                f"(rule={self.balancer.update_rule}, rate={self.balancer.update_rate})"
+            )
+        else:
+            return
+        self._updates_seen = self.balancer.steps_taken
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         """Attach early when possible, so that `trainer.evaluate()` before any training reports MaxVio."""
@@ -110,12 +118,13 @@ class LossFreeBalanceCallback(TrainerCallback):
         self.balancer.reset_eval_counts()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """One bias update per optimizer step, after all its micro-batches."""
-        metrics = self.balancer.step()
-        if self._maxvio_sum is None:
-            self._maxvio_sum, self._routed_steps = torch.zeros_like(metrics.maxvio), torch.zeros_like(metrics.maxvio)
-        self._maxvio_sum += metrics.maxvio.nan_to_num(0.0)
-        self._routed_steps += ~metrics.maxvio.isnan()
+        """One bias update per optimizer step, after all its micro-batches, unless the optimizer step already
+        made it (a balancer that follows the optimizer, or another callback on the same balancer)."""
+        if self.balancer is None:
+            return
+        if self.balancer.steps_taken == self._updates_seen:
+            self.balancer.step()
+        self._updates_seen = self.balancer.steps_taken
         # An evaluation that follows this step must not see eval-mode forwards made before it.
         self.balancer.reset_eval_counts()
 
@@ -123,10 +132,12 @@ class LossFreeBalanceCallback(TrainerCallback):
         """Add the MoE metrics to a training log (`loss` present) or an evaluation log."""
         if logs is None or self.balancer is None:
             return
-        if ("loss" in logs or "train_runtime" in logs) and self._maxvio_sum is not None:
+        if "loss" in logs or "train_runtime" in logs:
             # A training log, or the final training summary: it reports the steps after the last training log.
-            added = self._summary(self._maxvio_sum / self._routed_steps, "moe/maxvio", "moe/maxvio_max")
-            self._maxvio_sum = self._routed_steps = None
+            maxvio = self.balancer.pop_training_maxvio()
+            if maxvio is None:  # none since the last log (or another callback on this balancer reported them)
+                return
+            added = self._summary(maxvio, "moe/maxvio", "moe/maxvio_max")
         else:
             prefix = _evaluation_prefix(logs)
             if prefix is None:
@@ -175,3 +186,41 @@ def _evaluation_prefix(metrics: dict) -> str | None:
         if key.endswith("_runtime") and not key.startswith("train"):
             return key[: -len("_runtime")]
     return None
+
+
+class TrainerBalanceCallback(LossFreeBalanceCallback):
+    """In every `Trainer` once `hf_signopt` is imported (transformers' default callbacks): MoE metrics with no setup.
+
+    For a model that balances itself (`lossfree_moe` with `router_bias_update_rate > 0`, or after
+    `hf_signopt.enable_balancing(model)`) it logs the metrics `LossFreeBalanceCallback` logs, and makes the bias
+    update at the end of an optimizer step where the optimizer step could not (DeepSpeed steps flat copies of the
+    parameters). It also reports for a `LossFreeBalanceCallback` added by the user. It never creates a balancer:
+    for a model whose routers carry a bias but that nothing balances it warns once at train begin; for other
+    models it does nothing.
+    """
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs.get("model")
+        if model is not None and find_routers(model):
+            self._attach(model, create=False)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs.get("model")
+        if model is None or not find_routers(model):
+            return
+        self._attach(model, create=False)
+        if self.balancer is None:
+            logger.warning_once(
+                f"{type(model).__name__} routes with an `e_score_correction_bias` but nothing balances it: call "
+                "`hf_signopt.enable_balancing(model)` or add `LossFreeBalanceCallback()` to the Trainer's callbacks"
+            )
+        else:
+            self.balancer.reset_eval_counts()
+
+
+def register_trainer_balance_callback() -> None:
+    """Add `TrainerBalanceCallback` to the callbacks every `transformers.Trainer` starts with (idempotent)."""
+    from transformers import trainer
+
+    if TrainerBalanceCallback not in trainer.DEFAULT_CALLBACKS:
+        trainer.DEFAULT_CALLBACKS.append(TrainerBalanceCallback)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -29,9 +30,12 @@ UPDATE_RULES = ("sign", "rms", "linear")
 DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 
-# A model may have at most one live balancer: two would count every token twice and update twice.
-# Weak both ways, so that the registry keeps neither the model nor its balancer alive.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# A router may have at most one live balancer: two would count every token twice and update twice.
+# Weak both ways, so that the registry keeps neither the router nor its balancer alive.
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# Balancers that update after every optimizer step that holds their model's parameters.
+_FOLLOWING: weakref.WeakSet[LossFreeBalancer] = weakref.WeakSet()
+_optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
 
 
 def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
@@ -65,18 +69,89 @@ def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
 
 
 def attached_balancer(model: nn.Module) -> LossFreeBalancer | None:
-    """The `LossFreeBalancer` currently hooked to `model`, or None."""
-    reference = _ATTACHED.get(model)
-    return None if reference is None else reference()
+    """The `LossFreeBalancer` currently hooked to the routers of `model` (or of a module inside it), or None."""
+    modules = dict(model.named_modules())
+    for name, router in find_routers(model):
+        reference = _OWNERS.get(router)
+        if reference is not None and reference() is not None:
+            return reference()
+        for hook in _choosing_module(name, router, modules)[1]._forward_hooks.values():  # a copied router's hook
+            if isinstance(hook, _RouterCounter) and hook.balancer.attached:
+                return hook.balancer
+    return None
+
+
+class _RouterCounter:
+    """The forward hook that counts one router's choices for a balancer (an object, so that it can be found)."""
+
+    def __init__(self, balancer: LossFreeBalancer, layer: int, name: str) -> None:
+        self.balancer, self.layer, self.name = balancer, layer, name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.balancer._count(self.layer, self.name, module, output)
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step post-hook: step every following balancer whose model this optimizer trains."""
+    for balancer in list(_FOLLOWING):
+        if balancer._counted and balancer._is_trained_by(optimizer):
+            balancer.step()
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return `(qualified_name, module)` for every module of `model` that holds an `e_score_correction_bias`."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, BIAS_NAME, None), torch.Tensor)
-    ]
+    """Return `(qualified_name, module)` for every module of `model` that holds an `e_score_correction_bias`.
+
+    Each bias is returned once, at the module whose forward uses it. Inside PEFT's `ModulesToSaveWrapper`
+    (`modules_to_save=[...]`, recognized by its `original_module` and `modules_to_save` children, without importing
+    peft) that is the copy the wrapper runs: `modules_to_save.<active adapter>`, or `original_module` while adapters
+    are disabled or none is active. The wrapper itself, which forwards attribute lookups to that copy, and the
+    modules it holds but does not run are left out.
+    """
+    routers = []
+    idle: tuple[str, ...] = ()  # name prefixes, each ending with ".", of wrapped modules whose forward does not run
+    for name, module in model.named_modules():
+        if f"{name}.".startswith(idle):
+            continue
+        original, copies = module._modules.get("original_module"), module._modules.get("modules_to_save")
+        if isinstance(original, nn.Module) and isinstance(copies, nn.ModuleDict):
+            active = [] if getattr(module, "disable_adapters", False) else getattr(module, "active_adapters", [])
+            runs = f"modules_to_save.{active[0]}" if active and active[0] in copies else "original_module"
+            held = ["original_module", *(f"modules_to_save.{adapter}" for adapter in copies)]
+            idle += tuple(f"{name}.{child}." if name else f"{child}." for child in held if child != runs)
+        elif isinstance(getattr(module, BIAS_NAME, None), torch.Tensor):
+            routers.append((name, module))
+    return routers
+
+
+def _choosing_module(name: str, holder: nn.Module, modules: dict[str, nn.Module]) -> tuple[str, nn.Module]:
+    """The module whose forward returns the top-k choice that the bias held by `holder` steers, and its name.
+
+    Usually the holder itself (a router). Where the MoE block holds the bias and passes it to its `gate`
+    (MiniMax-M2, HY-V3), the gate; where a module holding only the bias sits inside the router (Ernie 4.5's
+    `moe_statics`), that router.
+    """
+    gate = getattr(holder, "gate", None)
+    if isinstance(gate, nn.Module) and not isinstance(getattr(gate, BIAS_NAME, None), torch.Tensor):
+        return f"{name}.gate", gate
+    tensors = [*holder.parameters(recurse=False), *holder.buffers(recurse=False)]
+    if "." in name and not any(True for _ in holder.children()) and len(tensors) == 1:
+        parent = name.rsplit(".", 1)[0]
+        if any(True for _ in modules[parent].parameters(recurse=False)):  # a router with its own weight
+            return parent, modules[parent]
+    return name, holder
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the modules of `model` that choose experts with an `e_score_correction_bias`."""
+    modules = dict(model.named_modules())
+    choosing = {id(m): m for name, holder in find_routers(model) for m in [_choosing_module(name, holder, modules)[1]]}
+    seen, out = set(), []
+    for module in choosing.values():
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def bias_update(counts: torch.Tensor, num_experts: torch.Tensor, rule: str, rate: float) -> torch.Tensor:
@@ -189,10 +264,16 @@ class LossFreeBalancer:
             `model.config.router_bias_update_rule` when present, else `"sign"`.
         process_group: Data-parallel group for the count reduction; the default group when None.
         count_eval_tokens: Also count eval-mode forwards, for `eval_metrics()`. They never move the bias.
+        follow_optimizer: Call `step()` automatically after every optimizer step (torch's global step
+            post-hook) of an optimizer that holds parameters of `model`, once per step however many
+            optimizers step, and only if training tokens were counted since the last update. Models whose
+            config asks for balancing (`lossfree_moe` with `router_bias_update_rate > 0`) get such a
+            balancer when they are built (`model.balancer`); `enable_balancing` gives one to any model.
 
     Raises:
         ValueError: If `model` has no router with an `e_score_correction_bias`, a rate or rule is invalid,
-            an explicit argument contradicts the model config, or `model` already has a balancer.
+            an explicit argument contradicts the model config, or a router already has a balancer (one
+            that follows the optimizer, which models get automatically, is replaced instead, with a log).
 
     Example:
         ```python
@@ -212,6 +293,7 @@ class LossFreeBalancer:
         update_rule: str | None = None,
         process_group: dist.ProcessGroup | None = None,
         count_eval_tokens: bool = False,
+        follow_optimizer: bool = False,
     ) -> None:
         routers = find_routers(model)
         if not routers:
@@ -220,7 +302,11 @@ class LossFreeBalancer:
                 "balance. Use a loss-free MoE model (e.g. `LossFreeMoeForCausalLM`) or another MoE family that "
                 "carries this buffer (DeepSeek-V3, GLM-4-MoE, ...)."
             )
-        if attached_balancer(model) is not None:
+        previous = attached_balancer(model)
+        if previous is not None and previous.follow_optimizer and not follow_optimizer:
+            logger.info(f"LossFreeBalancer: replacing the automatic balancer of {type(model).__name__}")
+            previous.remove()
+        elif previous is not None:
             raise ValueError(
                 f"{type(model).__name__} already has a LossFreeBalancer attached; call `.remove()` on it first "
                 "(two balancers would count every token twice)."
@@ -237,20 +323,32 @@ class LossFreeBalancer:
         self.model = model
         self.process_group = process_group
         self.count_eval_tokens = count_eval_tokens
+        self.follow_optimizer = follow_optimizer
+        self.steps_taken = 0  # bias updates so far
+        self._counted = False  # training tokens counted since the last update (a host-side flag, no sync)
+        self._trained_by: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._maxvio_sum: torch.Tensor | None = None  # per layer, over the updates since `pop_training_maxvio`
+        self._routed_steps: torch.Tensor | None = None  # per layer, the updates in which it routed tokens
         self.router_names = tuple(name for name, _ in routers)
         # Modules, not tensors: `model.to(...)` replaces buffer tensors, the bias is looked up at each step.
         self._routers = [module for _, module in routers]
         biases = [getattr(module, BIAS_NAME) for module in self._routers]
         for name, bias in zip(self.router_names, biases):
-            if bias.dim() != 1:
-                raise ValueError(f"{name}.{BIAS_NAME} must be 1-D (num_experts,), got shape {tuple(bias.shape)}")
+            if bias.numel() == 0 or bias.numel() != max(bias.shape, default=0):
+                raise ValueError(
+                    f"{name}.{BIAS_NAME} must hold one value per expert, shape (num_experts,) or (1, num_experts); "
+                    f"got shape {tuple(bias.shape)}"
+                )
             if bias.dtype != torch.float32:
                 logger.warning(
                     f"{name}.{BIAS_NAME} is {bias.dtype}, not float32: bias steps of {self.update_rate} may be "
                     "lost to rounding. Keep the router bias in float32."
                 )
         device = biases[0].device
-        self.num_experts = torch.tensor([b.numel() for b in biases], dtype=torch.int64, device=device)
+        self._experts_per_layer = [b.numel() for b in biases]
+        self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
         shape = (len(routers), max(b.numel() for b in biases))
         self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
@@ -262,11 +360,19 @@ class LossFreeBalancer:
             model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
+        modules = dict(model.named_modules())
         self._handles += [
-            module.register_forward_hook(self._make_router_hook(layer, name))
-            for layer, (name, module) in enumerate(routers)
+            counter.register_forward_hook(_RouterCounter(self, layer, counter_name))
+            for layer, (name, holder) in enumerate(routers)
+            for counter_name, counter in [_choosing_module(name, holder, modules)]
         ]
-        _ATTACHED[model] = weakref.ref(self)
+        for router in self._routers:
+            _OWNERS[router] = weakref.ref(self)
+        if follow_optimizer:
+            global _optimizer_hook
+            if _optimizer_hook is None:
+                _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+            _FOLLOWING.add(self)
 
     @staticmethod
     def _resolve(explicit: Any, config: Any, field: str, argument: str, default: Any) -> Any:
@@ -302,27 +408,33 @@ class LossFreeBalancer:
         self._active_counts = None
         self._token_mask = None
 
-    def _make_router_hook(self, layer: int, name: str):
-        def count(module: nn.Module, args: tuple, output: Any) -> None:
+    def _count(self, layer: int, name: str, module: nn.Module, output: Any) -> None:
+        """Add the top-k choices a router returned to the active counts (called by its `_RouterCounter` hook)."""
+        counts = self._active_counts
+        if counts is None:
+            return
+        if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
+            raise TypeError(
+                f"router {name} ({type(module).__name__}) must return (router_logits, top_k_weights, "
+                f"top_k_index) for LossFreeBalancer to count its tokens, got {type(output).__name__}"
+            )
+        index = output[2]
+        if index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"router {name} returned top_k_index of dtype {index.dtype}, expected an integer dtype")
+        if counts.device != index.device:
+            self._move_counts(index.device)
             counts = self._active_counts
-            if counts is None:
-                return
-            if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
-                raise TypeError(
-                    f"router {name} ({type(module).__name__}) must return (router_logits, top_k_weights, "
-                    f"top_k_index) for LossFreeBalancer to count its tokens, got {type(output).__name__}"
-                )
-            index = output[2]
-            if index.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"router {name} returned top_k_index of dtype {index.dtype}, expected an integer dtype")
-            if counts.device != index.device:
-                self._move_counts(index.device)
-                counts = self._active_counts
-            index = index.reshape(index.shape[0], -1).to(torch.int64)
-            weight = self._token_weights(index, name)
-            counts[layer].index_add_(0, index.reshape(-1), weight.reshape(-1))
+        index = index.reshape(index.shape[0], -1).to(torch.int64)
+        weight = self._token_weights(index, name)
+        counts[layer].index_add_(0, index.reshape(-1), weight.reshape(-1))
+        if counts is self._train_counts:
+            self._counted = True
 
-        return count
+    def __deepcopy__(self, memo: dict) -> LossFreeBalancer:
+        # Copying a router (PEFT's modules_to_save, a reference model made with deepcopy) copies its hooks; the
+        # copy's hook counts for this same balancer rather than for a copy of it and of the whole model.
+        return self
+
 
     def _token_weights(self, index: torch.Tensor, name: str) -> torch.Tensor:
         mask = self._token_mask
@@ -338,10 +450,32 @@ class LossFreeBalancer:
 
     def _move_counts(self, device: torch.device) -> None:
         training = self._active_counts is self._train_counts
-        self._train_counts = self._train_counts.to(device)
-        self._eval_counts = self._eval_counts.to(device)
-        self.num_experts = self.num_experts.to(device)
+
+        def moved(counts: torch.Tensor) -> torch.Tensor:  # counts made on the meta device (from_pretrained) are 0
+            return torch.zeros_like(counts, device=device) if counts.is_meta else counts.to(device)
+
+        self._train_counts, self._eval_counts = moved(self._train_counts), moved(self._eval_counts)
+        self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
         self._active_counts = self._train_counts if training else self._eval_counts
+
+    def _refresh_routers(self) -> None:
+        """Update the biases where the model now routes: PEFT's `modules_to_save` moves routing to a copy of each
+        router after the balancer was built (the copy's hook counts for this balancer, see `__deepcopy__`)."""
+        routers = [module for _, module in find_routers(self.model)]
+        if len(routers) == len(self._routers) and any(a is not b for a, b in zip(routers, self._routers)):
+            self._routers = routers
+            for router in routers:
+                _OWNERS[router] = weakref.ref(self)
+
+    def _is_trained_by(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether `optimizer` holds parameters of the model (cached per optimizer and number of groups)."""
+        cached = self._trained_by.get(optimizer)
+        if cached is None or cached[0] != len(optimizer.param_groups):
+            ours = {id(p) for p in self.model.parameters()}
+            held = any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
+            cached = (len(optimizer.param_groups), held)
+            self._trained_by[optimizer] = cached
+        return cached[1]
 
     def _reduce(self, counts: torch.Tensor) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
@@ -361,15 +495,31 @@ class LossFreeBalancer:
         Returns:
             The metrics of the tokens counted since the previous call.
         """
+        self._refresh_routers()
         counts = self._train_counts
         self._reduce(counts)
         increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
         for layer, router in enumerate(self._routers):
             bias = getattr(router, BIAS_NAME)
-            bias.add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
+            bias.view(-1).add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
         metrics = LoadBalanceMetrics(self.router_names, counts.clone(), max_violation(counts, self.num_experts))
         counts.zero_()
+        self.steps_taken += 1
+        self._counted = False
+        if self._maxvio_sum is None:
+            self._maxvio_sum, self._routed_steps = torch.zeros_like(metrics.maxvio), torch.zeros_like(metrics.maxvio)
+        self._maxvio_sum += metrics.maxvio.nan_to_num(0.0)
+        self._routed_steps += ~metrics.maxvio.isnan()
         return metrics
+
+    def pop_training_maxvio(self) -> torch.Tensor | None:
+        """MaxVio per layer averaged over the updates since the last call (NaN for a layer that routed no
+        token in any of them), then forgotten; None if no update happened. No synchronization."""
+        if self._maxvio_sum is None:
+            return None
+        mean = self._maxvio_sum / self._routed_steps
+        self._maxvio_sum = self._routed_steps = None
+        return mean
 
     def eval_metrics(self, reset: bool = True) -> LoadBalanceMetrics:
         """MaxVio_global of the eval-mode tokens counted so far, summed across ranks (one collective).
@@ -391,10 +541,49 @@ class LossFreeBalancer:
         """Forget the eval-mode tokens counted so far."""
         self._eval_counts.zero_()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the balancer is still hooked to its model (not `remove()`d)."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         """Detach the hooks from the model; the balancer stops counting. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if attached_balancer(self.model) is self:
-            del _ATTACHED[self.model]
+        for router in self._routers:
+            reference = _OWNERS.get(router)
+            if reference is not None and reference() is self:
+                del _OWNERS[router]
+        _FOLLOWING.discard(self)
+
+
+def enable_balancing(model: nn.Module, update_rate: float | None = None, update_rule: str | None = None,
+                     **kwargs: Any) -> LossFreeBalancer:
+    """Balance `model`'s routers after every optimizer step, in any training loop, with no further code.
+
+    For models whose config carries no balancing rate (DeepSeek-V3 and the other families with a native
+    `e_score_correction_bias`, or a model given one by `add_router_bias`). `lossfree_moe` models with
+    `router_bias_update_rate > 0` are balanced this way from the start. Undo with `disable_balancing`.
+
+    Args:
+        model: The model whose forward is called for training.
+        update_rate: Bias step size (default: the config's `router_bias_update_rate`, else 0.001).
+        update_rule: `"sign"`, `"rms"` or `"linear"` (default: the config's, else `"sign"`).
+        **kwargs: Further `LossFreeBalancer` arguments (`process_group`, `count_eval_tokens`).
+
+    Returns:
+        The balancer, which also counts evaluation tokens unless `count_eval_tokens=False`.
+    """
+    kwargs.setdefault("count_eval_tokens", True)
+    previous = attached_balancer(model)
+    if previous is not None and previous.follow_optimizer:
+        previous.remove()
+    return LossFreeBalancer(model, update_rate, update_rule, follow_optimizer=True, **kwargs)
+
+
+def disable_balancing(model: nn.Module) -> None:
+    """Stop balancing `model` (the biases stay as they are): remove the balancer attached to its routers, if any."""
+    balancer = attached_balancer(model)
+    if balancer is not None:
+        balancer.remove()

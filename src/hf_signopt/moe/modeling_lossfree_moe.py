@@ -33,11 +33,10 @@ from transformers.models.mixtral.modeling_mixtral import (
 )
 from transformers.utils import logging
 
+from .balancer import BIAS_NAME, LossFreeBalancer
 from .configuration_lossfree_moe import LossFreeMoeConfig
 
 logger = logging.get_logger(__name__)
-
-BIAS_NAME = "e_score_correction_bias"
 
 # Mixtral's Hub checkpoint format: the decoder layer's `mlp` is saved as `block_sparse_moe`, and expert `e` of the
 # fused `experts.gate_up_proj[e]` (gate rows, then up rows) / `experts.down_proj[e]` as `experts.e.w1` (gate),
@@ -245,7 +244,12 @@ class LossFreeMoePreTrainedModel(MixtralPreTrainedModel):
 
 
 class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
-    """Mixtral's decoder stack (`MixtralModel.forward`) built from [`LossFreeMoeDecoderLayer`]s."""
+    """Mixtral's decoder stack (`MixtralModel.forward`) built from [`LossFreeMoeDecoderLayer`]s.
+
+    With `config.router_bias_update_rate > 0` the model balances itself: a `LossFreeBalancer` with
+    `follow_optimizer=True` is attached when it is built, so the biases move once per optimizer step in
+    any training loop (plain PyTorch, accelerate, Trainer). `hf_signopt.disable_balancing(model)` opts out.
+    """
 
     def __init__(self, config: LossFreeMoeConfig):
         config.validate()  # fields may have been edited since the config was built
@@ -260,6 +264,8 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
         self.rotary_emb = MixtralRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+        if config.router_bias_update_rate > 0:
+            LossFreeBalancer(self, follow_optimizer=True, count_eval_tokens=True)  # the hooks keep it alive
 
 
 class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, MixtralForCausalLM):
