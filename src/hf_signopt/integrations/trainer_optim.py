@@ -15,6 +15,7 @@ Registration is idempotent: registering the same name again re-points it, never 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -28,6 +29,7 @@ import torch
 from packaging.version import Version
 from transformers.utils import logging
 
+from ..moe.router_lr import router_param_groups, validate_router_lr_ratio
 from .optim_args import parse_optim_args, split_optim_args
 
 
@@ -181,11 +183,44 @@ def _optim_value(optim: Any) -> str:
 
 
 def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
+    """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`.
+
+    `optim_args` may also hold `router_lr_ratio` (any name): the routers then learn at that fraction of the
+    learning rate, in groups of their own split from the Trainer's (`router_param_groups`).
+    """
     entry = get_trainer_optimizer(_optim_value(ctx.args.optim))
+    entries = split_optim_args(ctx.args.optim_args)
+    ratio = entries.pop(ROUTER_LR_KEY, None)
+    rest = ",".join(f"{key}={value}" for key, value in entries.items())
     kwargs = dict(ctx.optimizer_kwargs)
-    kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
-    return entry.optimizer_cls, kwargs
+    kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, rest))
+    if ratio is None:
+        return entry.optimizer_cls, kwargs
+    try:
+        ratio = validate_router_lr_ratio(float(ratio))
+    except ValueError as error:
+        raise ValueError(f"optim_args {ROUTER_LR_KEY}={ratio!r}: expected a number > 0") from error
+    if ctx.model is None:
+        raise ValueError(f"optim_args {ROUTER_LR_KEY} needs the model, and the Trainer passed none")
+    kwargs.update(router_model=ctx.model, router_lr_ratio=ratio)
+    return with_router_learning_rate(entry.optimizer_cls), kwargs
+
+
+ROUTER_LR_KEY = "router_lr_ratio"
+
+
+@functools.cache
+def with_router_learning_rate(optimizer_cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """`optimizer_cls`, taking `router_model=` and `router_lr_ratio=` to put the routers in groups of their own."""
+
+    class RouterLearningRate(optimizer_cls):
+        __doc__ = optimizer_cls.__doc__
+
+        def __init__(self, params: Any, *, router_model: torch.nn.Module, router_lr_ratio: float, **kwargs: Any):
+            super().__init__(router_param_groups(params, router_model, router_lr_ratio, kwargs.get("lr")), **kwargs)
+
+    RouterLearningRate.__name__ = RouterLearningRate.__qualname__ = optimizer_cls.__name__
+    return RouterLearningRate
 
 
 def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
