@@ -6,7 +6,13 @@ conversion (transformers saves Mixtral experts under their Hub names `block_spar
 merges them into `mlp.experts.gate_up_proj/down_proj` on load), so a Mixtral checkpoint loads into our model.
 `Trainer` reloads checkpoints with a plain `load_state_dict`, which skips this mapping; `LossFreeMoeDecoderLayer`
 converts the same Hub names there itself.
+
+The config and model classes are also set as attributes of the `transformers` module, as its own are: tools
+that resolve `config.architectures[0]` with `getattr(transformers, name)` (TRL's `SFTTrainer(model="<dir>")` and
+its CLI) find them instead of taking the checkpoint for remote code.
 """
+
+import transformers
 
 from transformers import (
     AutoConfig,
@@ -46,8 +52,10 @@ def register_lossfree_moe() -> None:
         LossFreeMoeConfig.model_type, get_checkpoint_conversion_mapping("mixtral"), overwrite=True
     )
     AutoConfig.register(LossFreeMoeConfig.model_type, LossFreeMoeConfig, exist_ok=True)
+    setattr(transformers, LossFreeMoeConfig.__name__, LossFreeMoeConfig)
     for auto_class, model_class in _AUTO_MODEL_CLASSES:
         auto_class.register(LossFreeMoeConfig, model_class, exist_ok=True)
+        setattr(transformers, model_class.__name__, model_class)
 
 
 __all__ = ["register_lossfree_moe"]
