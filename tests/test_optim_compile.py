@@ -82,3 +82,23 @@ def test_fused_true_is_refused_inside_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="fused=True kernels cannot be traced by torch.compile"):
         torch.compile(opt.step, fullgraph=True, backend="eager")()
+
+
+def test_fullgraph_step_of_a_self_balancing_model():
+    """The balancer's global step hook stays out of compiled steps: the step compiles whole and leaves the biases;
+    the update is the caller's (`balancer.step()`, or the Trainer's callback)."""
+    from moe_tiny import TINY_MOE
+
+    import hf_signopt
+    from hf_signopt import LossFreeMoeConfig, LossFreeMoeForCausalLM
+
+    model = LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY_MOE))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt = OPTIMIZERS["lion"][0](model.parameters(), lr=torch.tensor(1e-3))
+    torch._dynamo.reset()
+    torch.compile(opt.step, fullgraph=True, backend="eager")()
+    biases = [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    assert all(b.abs().max() == 0 for b in biases)
+    hf_signopt.attached_balancer(model).step()
+    assert any(b.abs().max() > 0 for b in biases)

@@ -92,7 +92,13 @@ class _RouterCounter:
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Global optimizer step post-hook: step every following balancer whose model this optimizer trains."""
+    """Global optimizer step post-hook: step every following balancer whose model this optimizer trains.
+
+    Not inside a step compiled with `torch.compile` (dynamo would trace it into every compiled step): there the
+    Trainer's callback makes the update, and a plain loop calls `balancer.step()` after the compiled step.
+    """
+    if torch.compiler.is_compiling():
+        return
     for balancer in list(_FOLLOWING):
         if balancer._counted and balancer._is_trained_by(optimizer):
             balancer.step()
