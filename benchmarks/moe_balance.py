@@ -24,12 +24,36 @@ implementation's cost) and at `--update-rate` (the bias moves, so the expert loa
 The paper's rate u=0.001 needs enough steps for the bias to cross the score gaps between experts: on this
 tiny model 300 steps are not enough (loss-free MaxVio about 0.9x the aux loss's), 1000 are; a shorter run
 needs a larger rate.
+
+`--families` prints, instead, two tables over the MoE families of the installed transformers, built tiny by
+`benchmarks/moe_families.py` (hidden 32, 2 layers, random weights) with `--experts` routed experts (moe_families'
+4 where a family does not build with that many), plus `lossfree_moe` at the same sizes:
+
+- balance: every family with a native `e_score_correction_bias` and every one `add_router_bias` converts, its
+  weights frozen (no optimizer: the balancer alone moves anything), runs `--bias-updates` forwards in train mode
+  of one fixed batch of random tokens (`--family-batch-size` x `--family-seq-len`), each followed by
+  `LossFreeBalancer(model, update_rate=--update-rate).step()`; the table gives MaxVio (mean over layers) of the
+  first step (zero bias), of the last one and averaged over the last 10% of the steps. What the router ranks
+  (softmax probabilities, sigmoid scores or raw logits) sets the scale the bias has to cross, so rows that rank
+  logits are not comparable with the others at the same rate and number of updates.
+- throughput: for `--throughput-families`, forward + backward + optimizer step (`--optimizer`) of two copies with
+  the same initial weights, one balanced by `enable_balancing` (the bias update follows the optimizer step), one
+  with `disable_balancing`, timed in interleaved rounds as above (ratio = plain time / balanced time, target
+  >= 0.99), then where the balanced step's extra time goes: the balancer's methods timed inside training steps.
+
+    python benchmarks/moe_balance.py --families                          # about 3 minutes on 2 CPU cores
+    python benchmarks/moe_balance.py --families --bias-updates 1000 --only deepseek_v3 qwen3_moe kolibri1
+    python benchmarks/moe_balance.py --families --skip-balance --optimizer lion --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
+import functools
+import inspect
 import math
 import statistics
 import tempfile
@@ -37,9 +61,27 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import MixtralConfig, MixtralForCausalLM, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging as hf_logging
 
-from hf_signopt import LossFreeBalanceCallback, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+from hf_signopt import (
+    Lion,
+    LossFreeBalanceCallback,
+    LossFreeBalancer,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_router_bias,
+    disable_balancing,
+    enable_balancing,
+)
+from hf_signopt.moe import balancer as balancer_module
+from hf_signopt.moe.balancer import find_routers
+
+try:
+    from benchmarks.moe_families import TINY, VOCAB, _ranked_kind, model_class, model_inputs, moe_families, tiny_model
+except ModuleNotFoundError:  # run as a script: benchmarks/ is on sys.path, the repository root is not
+    from moe_families import TINY, VOCAB, _ranked_kind, model_class, model_inputs, moe_families, tiny_model
 
 CORPUS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tinyshakespeare.txt"
 # transformers' experts kernels that run on CPU: a loop over the experts that received tokens, one batched
@@ -66,8 +108,22 @@ def parse_args() -> argparse.Namespace:
         help="experts kernels to time, each for both models (default: transformers' choice for this machine)",
     )
     parser.add_argument("--skip-quality", action="store_true", help="only measure the training throughput")
+    families = parser.add_argument_group("--families: per-family tables (see the module docstring)")
+    families.add_argument("--families", action="store_true", help="print the per-family balance and throughput tables")
+    families.add_argument("--bias-updates", type=int, default=200, help="balancer steps per family (frozen weights)")
+    families.add_argument("--experts", type=int, default=8, help="routed experts per layer of the tiny models")
+    families.add_argument("--family-batch-size", type=int, default=4, help="sequences of the fixed balance batch")
+    families.add_argument("--family-seq-len", type=int, default=32, help="tokens per sequence of that batch")
+    families.add_argument("--only", nargs="+", default=None, metavar="FAMILY", help="balance table: these families")
+    families.add_argument(
+        "--throughput-families", nargs="+", default=["lossfree_moe", "deepseek_v3", "qwen3_moe"], metavar="FAMILY",
+        help="families of the throughput table (it uses --batch-size x --seq-len tokens per step)",
+    )
+    families.add_argument("--optimizer", choices=["sgd", "lion"], default="sgd", help="throughput table's optimizer")
+    families.add_argument("--skip-balance", action="store_true", help="--families: only the throughput table")
     args = parser.parse_args()
-    for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds"):
+    for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds",
+                 "bias_updates", "experts", "family_batch_size", "family_seq_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -194,6 +250,9 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.families:
+        families_tables(args)
+        return
     with tempfile.TemporaryDirectory(prefix="moe_balance_") as scratch:  # TrainingArguments' output_dir
         run(args, scratch)
 
@@ -260,6 +319,303 @@ def throughput_table(args: argparse.Namespace, data: list[torch.Tensor], scratch
             print(f"| {used:<12} | {rate:<13g} | {median:23.3f} | {q1:.3f}-{q3:.3f} | {mixtral_tps:13.0f} "
                   f"| {lossfree_tps:14.0f} |")
 
+
+
+# --families: the per-family tables. -----------------------------------------------------------------------------
+
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Families whose tiny moe_families config is still slow to run outside its MoE layers (a 200k-column LM head,
+# Mamba-2 mixers of 128 heads x 64 over 128-token chunks): smaller values of those fields, so that the balance
+# table's forwards of every family fit the time the docstring gives. The routers are unchanged.
+FAST_OVERRIDES: dict[str, dict] = {
+    "inkling2_text": {"unpadded_vocab_size": VOCAB},
+    "inkling2_loop_text": {"unpadded_vocab_size": VOCAB},
+    "nemotron_h": {
+        "mamba_num_heads": 4, "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 16,
+        "moe_shared_expert_intermediate_size": 16,
+    },
+}
+SOURCE_ORDER = {"lossfree_moe": 0, "native": 1, "converted": 2}
+
+
+class UnsupportedFamily(Exception):
+    """`add_router_bias` rejects the family (see `benchmarks/moe_families.py`)."""
+
+
+def _config_fields(config_class: type) -> set[str]:
+    return set(config_class().to_dict()) | set(config_class.attribute_map)
+
+
+def family_model(model_type: str, experts: int | None, args: argparse.Namespace, positions: int):
+    """The tiny model of `model_type` with a router bias, and where the bias comes from.
+
+    `lossfree_moe` is built at moe_families' tiny sizes (with `--update-rate` / `--update-rule` in its config);
+    any other family by `moe_families.tiny_model`, then given a bias by `add_router_bias` unless it has one.
+
+    Args:
+        model_type: `lossfree_moe` or a family of `moe_families()`.
+        experts: Routed experts per layer; None keeps moe_families' count (4; lossfree_moe's default 8).
+        args: The command line (seed, update rate and rule).
+        positions: Longest sequence the model will see.
+
+    Returns:
+        `(model, source)`, source being `lossfree_moe`, `native` or `converted`.
+
+    Raises:
+        UnsupportedFamily: `add_router_bias` rejects the family.
+    """
+    if model_type == "lossfree_moe":
+        config_fields = _config_fields(LossFreeMoeConfig)
+        fields = {key: value for key, value in TINY.items() if key in config_fields}
+        fields |= dict(max_position_embeddings=max(positions, TINY["max_position_embeddings"]),
+                       router_bias_update_rate=args.update_rate, router_bias_update_rule=args.update_rule)
+        for key in EXPERT_COUNT_FIELDS if experts is not None else ():
+            if key in config_fields:
+                fields[key] = experts
+        torch.manual_seed(args.seed)
+        return LossFreeMoeForCausalLM(LossFreeMoeConfig(**fields)), "lossfree_moe"
+    class_name = moe_families()[model_type]
+    fields = _config_fields(model_class(model_type, class_name).config_class)
+    overrides = {key: experts for key in EXPERT_COUNT_FIELDS if key in fields and experts is not None}
+    if "max_position_embeddings" in fields:
+        overrides["max_position_embeddings"] = max(positions, TINY["max_position_embeddings"])
+    model = tiny_model(model_type, class_name, args.seed, **(overrides | FAST_OVERRIDES.get(model_type, {})))
+    if find_routers(model):
+        return model, "native"
+    try:
+        return add_router_bias(model), "converted"
+    except ValueError as error:
+        raise UnsupportedFamily(str(error)) from error
+
+
+def family_inputs(model: torch.nn.Module, batch_size: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """moe_families' inputs for `model` (no cache; decoder inputs for an encoder-decoder) with a
+    `batch_size` x `seq_len` batch of random tokens."""
+    input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    return {key: input_ids if key.endswith("input_ids") else value for key, value in model_inputs(model).items()}
+
+
+def ranked_scores(model: torch.nn.Module) -> str:
+    """What the first router ranks (moe_families' probe); `?` where it cannot be called on hidden states alone."""
+    try:
+        return _ranked_kind(model).replace(" probabilities", "").replace(" scores", "")
+    except Exception:  # e.g. a router whose forward also takes the bias or the input ids
+        return "?"
+
+
+def balance_run(model_type: str, experts: int | None, args: argparse.Namespace) -> dict:
+    """Frozen weights, one fixed batch, `--bias-updates` train-mode forwards each followed by `balancer.step()`."""
+    start = time.perf_counter()
+    model, source = family_model(model_type, experts, args, args.family_seq_len)
+    inputs = family_inputs(model, args.family_batch_size, args.family_seq_len, args.seed + 1)
+    ranks = ranked_scores(model)
+    model.requires_grad_(False).train()  # no optimizer: only the balancer changes anything
+    balancer = LossFreeBalancer(model, update_rate=args.update_rate, update_rule=args.update_rule)
+    torch.manual_seed(args.seed)  # the same dropout masks, if a family has any
+    maxvio = []
+    try:
+        with torch.enable_grad():  # the balancer counts training forwards: train mode with grad enabled
+            for _ in range(args.bias_updates):
+                model(**inputs)
+                maxvio.append(balancer.step().maxvio)
+    finally:
+        balancer.remove()
+    per_step = torch.stack(maxvio).nanmean(dim=1)  # mean over layers
+    tail = per_step[-max(1, args.bias_updates // 10):]
+    return dict(
+        family=model_type, source=source, ranks=ranks,
+        experts="/".join(str(e) for e in dict.fromkeys(balancer.num_experts.tolist())),
+        layers=len(balancer.router_names), first=per_step[0].item(), last=per_step[-1].item(),
+        tail=tail.mean().item(), seconds=time.perf_counter() - start,
+    )
+
+
+def balance_row(model_type: str, args: argparse.Namespace) -> dict | None:
+    """`balance_run` with `--experts`, else with moe_families' own count; None for an unsupported family."""
+    errors = []
+    for experts in dict.fromkeys([args.experts, None]):
+        try:
+            return balance_run(model_type, experts, args)
+        except UnsupportedFamily:
+            return None
+        except Exception as error:  # e.g. a config that rejects that many experts: retry with its own count
+            errors.append(f"{type(error).__name__}: {error}"[:120].replace("|", "/").replace("\n", " "))
+    return dict(family=model_type, error="; ".join(errors))
+
+
+def balance_table(args: argparse.Namespace) -> None:
+    """Prints MaxVio at the first and last of `--bias-updates` balancer steps, per family."""
+    names = args.only or ["lossfree_moe", *moe_families()]
+    start = time.perf_counter()
+    rows = [row for row in (balance_row(name, args) for name in names) if row is not None]
+    ok = sorted((row for row in rows if "error" not in row), key=lambda r: (SOURCE_ORDER[r["source"]], r["family"]))
+    n = args.bias_updates
+    print(f"balance alone: frozen tiny models (hidden 32, {args.experts} experts where the config allows), one fixed "
+          f"batch of {args.family_batch_size} x {args.family_seq_len} random tokens, {n} train-mode forwards each "
+          f"followed by LossFreeBalancer(update_rate={args.update_rate:g}, rule={args.update_rule}).step(); MaxVio "
+          "is the mean over the MoE layers of (max expert load - mean) / mean for that step's batch\n")
+    print(f"| family | bias | router ranks | experts x layers | MaxVio step 1 | MaxVio step {n} "
+          f"| mean last {max(1, n // 10)} | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in ok:
+        print(f"| {row['family']} | {row['source']} | {row['ranks']} | {row['experts']} x {row['layers']} "
+              f"| {row['first']:.3f} | {row['last']:.3f} | {row['tail']:.3f} | {row['seconds']:.1f} |")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['family']} | failed | | | | | {row['error']} | |")
+    if ok:
+        ratios = [row["tail"] / row["first"] for row in ok if row["first"] > 0]
+        better = sum(row["tail"] < row["first"] for row in ok)
+        print(f"\n{len(ok)} families balanced ({sum(r['source'] == 'native' for r in ok)} native, "
+              f"{sum(r['source'] == 'converted' for r in ok)} converted): MaxVio of the last 10% below step 1's in "
+              f"{better}; median ratio {statistics.median(ratios):.3f}; {time.perf_counter() - start:.0f} s")
+
+
+def _loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    output = model(**inputs)
+    loss = getattr(output, "loss", None)
+    return loss if loss is not None else output[0].float().square().mean()
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, steps: int) -> float:
+    """Seconds for `steps` forward + backward + optimizer steps (a balancer following the optimizer steps too)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        _loss(model, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def timed_calls(targets: list[tuple[object, str]]):
+    """Times every call of `getattr(owner, name)` for each `(owner, name)` while active, then puts it back.
+
+    An owner is the balancer (an instance attribute shadows the method: its router hooks call `balancer._count`,
+    the optimizer hook `balancer.step`, which calls `self._refresh_routers`) or the balancer module (its
+    functions, which `step()` looks up there at each call). Yields `{name: total seconds}` and `{name: calls}`.
+    """
+    seconds, calls = collections.Counter(), collections.Counter()
+
+    def timed(name: str, function):
+        @functools.wraps(function)
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                calls[name] += 1
+        return call
+
+    saved = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in targets]
+    for owner, name, function, _ in saved:
+        setattr(owner, name, timed(name, function))
+    try:
+        yield seconds, calls
+    finally:
+        for owner, name, function, own in saved:
+            if own:
+                setattr(owner, name, function)
+            else:
+                delattr(owner, name)
+
+
+def throughput_family(model_type: str, args: argparse.Namespace) -> dict:
+    """Balanced vs plain training throughput of `model_type`, and where the balanced step's extra time goes."""
+    (balanced, source), (plain, _) = (family_model(model_type, args.experts, args, args.seq_len) for _ in range(2))
+    disable_balancing(plain)  # a lossfree_moe model balances itself from the start
+    balancer = enable_balancing(balanced, update_rate=args.update_rate, update_rule=args.update_rule,
+                                count_eval_tokens=False)
+    inputs = family_inputs(balanced, args.batch_size, args.seq_len, args.seed + 1)
+    if "labels" in inspect.signature(balanced.forward).parameters:
+        inputs["labels"] = inputs["input_ids"]
+    optimizer_class = Lion if args.optimizer == "lion" else torch.optim.SGD
+    models = {"plain": plain, "balanced": balanced}
+    optimizers = {name: optimizer_class(model.parameters(), lr=args.lr) for name, model in models.items()}
+    for model in models.values():
+        model.train()
+    for name, model in models.items():  # warm-up (and the optimizer kernels' first build)
+        train_steps(model, optimizers[name], inputs, 2)
+    times = {"plain": [], "balanced": []}
+    for round_index in range(args.throughput_rounds):
+        for name in ("plain", "balanced") if round_index % 2 == 0 else ("balanced", "plain"):
+            times[name].append(train_steps(models[name], optimizers[name], inputs, args.throughput_steps))
+    ratios = [p / b for p, b in zip(times["plain"], times["balanced"])]
+    profile_steps = 4 * args.throughput_steps
+    targets = [(balancer, "_count"), (balancer, "step")]
+    targets += [(balancer_module, name) for name in ("find_routers", "bias_update", "max_violation")]
+    with timed_calls(targets) as (seconds, calls):
+        profiled = train_steps(balanced, optimizers["balanced"], inputs, profile_steps)
+    if calls["step"] != profile_steps:
+        raise RuntimeError(f"the balancer stepped {calls['step']} times in {profile_steps} optimizer steps")
+    tokens = args.batch_size * args.seq_len * args.throughput_steps
+    step_ms = {name: 1e3 * statistics.median(block) / args.throughput_steps for name, block in times.items()}
+    per_step_us = {name: 1e6 * value / profile_steps for name, value in seconds.items()}
+    return dict(
+        family=model_type, source=source, layers=len(balancer.router_names), ratios=ratios,
+        experts="/".join(str(e) for e in dict.fromkeys(balancer.num_experts.tolist())),
+        plain_tps=tokens / statistics.median(times["plain"]),
+        balanced_tps=tokens / statistics.median(times["balanced"]),
+        step_ms=step_ms, profiled_ms=1e3 * profiled / profile_steps, us=per_step_us,
+    )
+
+
+def throughput_table_families(args: argparse.Namespace) -> None:
+    """Prints balanced vs plain training throughput per family, then the balancer's cost inside the steps."""
+    results = []
+    for name in args.throughput_families:
+        try:
+            results.append(throughput_family(name, args))
+        except Exception as error:
+            print(f"{name}: cannot be timed ({type(error).__name__}: {error})"[:300])
+    tokens = args.batch_size * args.seq_len
+    print(f"\ntraining throughput, balanced (enable_balancing, u={args.update_rate:g}) vs plain (disable_balancing): "
+          f"two copies with the same initial weights, {tokens} tokens per step ({args.batch_size} x {args.seq_len}), "
+          f"{args.optimizer} optimizer, {args.throughput_rounds} interleaved rounds of {args.throughput_steps} steps "
+          "per model; ratio = plain time / balanced time per round (median and quartiles), tokens/s of each model's "
+          "median block\n")
+    print("| family | bias | experts x layers | plain tok/s | balanced tok/s | ratio (median, >= 0.99) | quartiles |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        q1, median, q3 = statistics.quantiles(r["ratios"], n=4) if len(r["ratios"]) > 1 else r["ratios"] * 3
+        r["median"] = median
+        print(f"| {r['family']} | {r['source']} | {r['experts']} x {r['layers']} | {r['plain_tps']:.0f} "
+              f"| {r['balanced_tps']:.0f} | {median:.3f} | {q1:.3f}-{q3:.3f} |")
+    print(f"\nwhere the balanced step's extra time goes: the balancer's functions timed inside "
+          f"{4 * args.throughput_steps} balanced training steps, in microseconds per step: the counting hooks "
+          "(`_count`, one call per MoE layer), `step()` (the bias update the optimizer step triggers) and, inside "
+          "it, `find_routers` (the traversal of every module of the model that `_refresh_routers` makes at each "
+          "update), `bias_update`, `max_violation` and the rest (the per-layer bias `add_`, counts `clone` / "
+          "`zero_`, MaxVio running sums); against the measured difference of the median step times\n")
+    print("| family | plain step ms | balanced step ms | measured extra us | _count us | step() us | find_routers us "
+          "| bias_update us | max_violation us | rest of step() us | _count + step() % of the step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        us, plain_ms, balanced_ms = collections.Counter(r["us"]), r["step_ms"]["plain"], r["step_ms"]["balanced"]
+        rest = us["step"] - us["find_routers"] - us["bias_update"] - us["max_violation"]
+        share = 100 * (us["_count"] + us["step"]) / (1e3 * r["profiled_ms"])
+        print(f"| {r['family']} | {plain_ms:.2f} | {balanced_ms:.2f} | {1e3 * (balanced_ms - plain_ms):.0f} "
+              f"| {us['_count']:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['bias_update']:.0f} "
+              f"| {us['max_violation']:.0f} | {rest:.0f} | {share:.1f} |")
+    slow = [r for r in results if r["median"] < 0.99]
+    if slow:
+        print(f"\nbelow 0.99: {', '.join(r['family'] for r in slow)}; see the profile table (the balancer's work is "
+              "a fixed host-side cost per step and per MoE layer, so its share falls as the step grows)")
+
+
+def families_tables(args: argparse.Namespace) -> None:
+    """`--families`: the balance table (unless `--skip-balance`), then the throughput and profile tables."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the tiny configs' warnings, once per family
+    try:
+        print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
+              "threads\n")
+        if not args.skip_balance:
+            balance_table(args)
+        throughput_table_families(args)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 if __name__ == "__main__":
     main()

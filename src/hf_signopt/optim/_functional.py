@@ -344,15 +344,16 @@ def _local(lists: tuple[Tensors, ...]) -> tuple[Tensors, ...]:
     if DTensor not in set(map(type, lists[0])):  # type(), not isinstance: this runs on every step
         return lists
     local = tuple([t._local_tensor if type(t) is DTensor else t for t in tensors] for tensors in lists)
-    for i, param in enumerate(local[0]):
-        for tensors, originals in zip(local[1:], lists[1:]):
-            if tensors[i].shape != param.shape:
-                raise RuntimeError(
-                    f"a parameter of placements {getattr(lists[0][i], 'placements', None)} and local shape "
-                    f"{tuple(param.shape)} has a gradient or state of placements "
-                    f"{getattr(originals[i], 'placements', None)} and local shape {tuple(tensors[i].shape)}; "
-                    "sign optimizers step the local shards and need them sharded alike"
-                )
+    shapes = [t.shape for t in local[0]]
+    for tensors, originals in zip(local[1:], lists[1:]):
+        if [t.shape for t in tensors] != shapes:
+            i = next(i for i, t in enumerate(tensors) if t.shape != shapes[i])
+            raise RuntimeError(
+                f"a parameter of placements {getattr(lists[0][i], 'placements', None)} and local shape "
+                f"{tuple(shapes[i])} has a gradient or state of placements "
+                f"{getattr(originals[i], 'placements', None)} and local shape {tuple(tensors[i].shape)}; "
+                "sign optimizers step the local shards and need them sharded alike"
+            )
     return local
 
 
