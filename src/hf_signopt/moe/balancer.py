@@ -367,11 +367,12 @@ class LossFreeBalancer:
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
         modules = dict(model.named_modules())
+        self._hooked = [_choosing_module(name, holder, modules) for name, holder in routers]
         self._handles += [
             counter.register_forward_hook(_RouterCounter(self, layer, counter_name))
-            for layer, (name, holder) in enumerate(routers)
-            for counter_name, counter in [_choosing_module(name, holder, modules)]
+            for layer, (counter_name, counter) in enumerate(self._hooked)
         ]
+        self._moved = False  # a copy of a hooked router counted (PEFT's modules_to_save): refresh at the update
         for router in self._routers:
             _OWNERS[router] = weakref.ref(self)
         if follow_optimizer:
@@ -419,6 +420,8 @@ class LossFreeBalancer:
         counts = self._active_counts
         if counts is None:
             return
+        if module is not self._hooked[layer][1]:
+            self._moved = True
         if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
             raise TypeError(
                 f"router {name} ({type(module).__name__}) must return (router_logits, top_k_weights, "
@@ -467,10 +470,13 @@ class LossFreeBalancer:
     def _refresh_routers(self) -> None:
         """Update the biases where the model now routes: PEFT's `modules_to_save` moves routing to a copy of each
         router after the balancer was built (the copy's hook counts for this balancer, see `__deepcopy__`)."""
-        routers = [module for _, module in find_routers(self.model)]
-        if len(routers) == len(self._routers) and any(a is not b for a, b in zip(routers, self._routers)):
-            self._routers = routers
-            for router in routers:
+        self._moved = False
+        routers = find_routers(self.model)
+        if len(routers) == len(self._routers) and any(a is not b for (_, a), b in zip(routers, self._routers)):
+            modules = dict(self.model.named_modules())
+            self._routers = [module for _, module in routers]
+            self._hooked = [_choosing_module(name, holder, modules) for name, holder in routers]
+            for router in self._routers:
                 _OWNERS[router] = weakref.ref(self)
 
     def _is_trained_by(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -501,7 +507,8 @@ class LossFreeBalancer:
         Returns:
             The metrics of the tokens counted since the previous call.
         """
-        self._refresh_routers()
+        if self._moved:
+            self._refresh_routers()
         counts = self._train_counts
         self._reduce(counts)
         increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
