@@ -38,6 +38,21 @@ _FOLLOWING: weakref.WeakSet[LossFreeBalancer] = weakref.WeakSet()
 _optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
 
 
+class Float32RouterBias(nn.Module):
+    """Mixed into router classes holding `e_score_correction_bias`: the bias follows the router's device but stays
+    float32 under `model.to(dtype)`, `.half()` and `.bfloat16()`."""
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(dtype)`, `.half()`, `.bfloat16()` all go through `_apply`: follow the device, keep float32
+        # values bit for bit (a bf16 round trip would move the bias by up to 0.4%).
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=moved.device)
+        return self
+
+
 def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
     """Check a bias update rate and return it as a float.
 

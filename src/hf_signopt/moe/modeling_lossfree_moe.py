@@ -33,7 +33,7 @@ from transformers.models.mixtral.modeling_mixtral import (
 )
 from transformers.utils import logging
 
-from .balancer import BIAS_NAME, LossFreeBalancer
+from .balancer import BIAS_NAME, Float32RouterBias, LossFreeBalancer
 from .configuration_lossfree_moe import LossFreeMoeConfig
 
 logger = logging.get_logger(__name__)
@@ -149,7 +149,7 @@ def _fuse_expert_pieces(
         missing_keys.extend(absent)
 
 
-class LossFreeMoeTopKRouter(MixtralTopKRouter):
+class LossFreeMoeTopKRouter(Float32RouterBias, MixtralTopKRouter):
     """Mixtral's top-k router with a selection-only, float32 per-expert bias.
 
     Returns `(router_logits, top_k_weights, top_k_index)` like [`~transformers.MixtralTopKRouter`]: logits of
@@ -184,16 +184,6 @@ class LossFreeMoeTopKRouter(MixtralTopKRouter):
             # The floor only matters for sigmoid scores that all underflow; softmax sums are >= 1 / num_experts.
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return router_logits, top_k_weights, top_k_index
-
-    def _apply(self, fn, recurse=True):
-        # `model.to(dtype)`, `.half()`, `.bfloat16()` all go through `_apply`: follow the device, keep float32
-        # values bit for bit (a bf16 round trip would move the bias by up to 0.4%).
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(device=moved.device)
-        return self
 
 
 class LossFreeMoeDecoderLayer(MixtralDecoderLayer):

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
-from .balancer import BIAS_NAME, find_routers
+from .balancer import BIAS_NAME, Float32RouterBias, find_routers
 
 logger = logging.get_logger(__name__)
 
@@ -128,7 +128,7 @@ def _selection_problem(calls: list[_TopKCall], output: Any, num_experts: int | N
     return None
 
 
-class RouterBiasMixin(nn.Module):
+class RouterBiasMixin(Float32RouterBias):
     """Mixed into a router's class by `add_router_bias`: chooses experts with `e_score_correction_bias`.
 
     The family's `forward` runs unchanged except that its expert top-k ranks `scores + e_score_correction_bias`
@@ -156,16 +156,6 @@ class RouterBiasMixin(nn.Module):
     def __reduce_ex__(self, protocol):
         # The class is made at run time, so pickle has no name to find it by: pickle the family's class instead.
         return _unpickle_router, (type(self).__bases__[1],), self.__getstate__()
-
-    def _apply(self, fn, recurse=True):
-        # `model.to(dtype)`, `.half()`, `.bfloat16()` all go through `_apply`: follow the device, keep float32
-        # values bit for bit (a bf16 round trip would move the bias by up to 0.4%).
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(device=moved.device)
-        return self
 
 
 @functools.cache
