@@ -1,23 +1,13 @@
 """Two DDP ranks (gloo, CPU) with different data hold the same biases as one process over the global batch."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from worker_run import run_worker
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "moe_ddp_worker.py"
-
-
-def run_worker(command, out_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    out_dir.mkdir()
-    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 # Tolerance on the parameters. Each DDP micro-batch is one of the single run's (same rows, same shapes, loss scales

@@ -9,26 +9,15 @@ the same update with the same elementwise arithmetic, so the parameters agree to
 < 1 ulp of |p| <= 2 per step: 5 x 2.4e-7 in float32. A flip, or gradients not averaged, shows as about lr = 1e-2.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from worker_run import run_worker
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "fsdp2_worker.py"
 ATOL = {"float32": 1.2e-6, "float64": 1e-14}
-
-
-def run_worker(command, out_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    out_dir.mkdir()
-    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "terminate called" not in done.stderr
 
 
 @pytest.mark.multiprocess
