@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForTokenClassification,
     MixtralConfig,
     MixtralForCausalLM,
+    MixtralModel,
 )
 from transformers.utils import logging as hf_logging
 
@@ -25,7 +26,9 @@ from hf_signopt import (
     LossFreeMoeForTokenClassification,
     LossFreeMoeModel,
     LossFreeMoeTopKRouter,
+    attached_balancer,
 )
+from hf_signopt.moe.modeling_lossfree_moe import LossFreeMoeDecoderLayer
 from moe_tiny import TINY_MOE
 
 TINY = {**TINY_MOE, "pad_token_id": 0}
@@ -217,3 +220,39 @@ def test_lossfree_checkpoint_with_zero_bias_loads_into_mixtral(tmp_path):
     ids = torch.randint(1, 64, (2, 7))
     with torch.no_grad():
         assert torch.equal(mixtral(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [(LossFreeMoeForCausalLM, MixtralForCausalLM), (LossFreeMoeModel, MixtralModel)]
+)
+@pytest.mark.parametrize("rate", [0.0, 1e-3])  # with and without the balancer attached at construction
+def test_same_seed_builds_mixtral_weights_and_structure(ours, theirs, rate):
+    torch.manual_seed(7)
+    mixtral = theirs(MixtralConfig(**TINY)).eval()
+    after_mixtral = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    model = ours(LossFreeMoeConfig(**TINY, router_bias_update_rate=rate)).eval()
+    assert torch.equal(torch.random.get_rng_state(), after_mixtral)  # construction draws the same random numbers
+
+    expected = mixtral.state_dict()
+    weights = model.state_dict()
+    assert sorted(set(weights) - set(expected)) == [
+        f"{'model.' if ours is LossFreeMoeForCausalLM else ''}layers.{i}.mlp.gate.{BIAS}"
+        for i in range(TINY["num_hidden_layers"])
+    ]
+    assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())
+    assert all(torch.equal(b, torch.zeros(4)) for b in biases(model))
+    # Same modules in the same order, each Mixtral's class or our subclass of it.
+    pairs = list(zip(model.named_modules(), mixtral.named_modules(), strict=True))
+    assert all(name == other and isinstance(module, type(mod)) for (name, module), (other, mod) in pairs)
+    assert [type(layer) for layer in model.base_model.layers] == [LossFreeMoeDecoderLayer] * TINY["num_hidden_layers"]
+    assert model._no_split_modules == {"LossFreeMoeDecoderLayer"}
+    assert model._keep_in_fp32_modules_strict == {BIAS}
+    assert model.base_model.gradient_checkpointing is False
+    assert (attached_balancer(model) is not None) == (rate > 0)
+
+    ids = torch.randint(1, 64, (2, 9))
+    with torch.no_grad():
+        ours_out, theirs_out = model(ids), mixtral(ids)
+    name = "logits" if ours is LossFreeMoeForCausalLM else "last_hidden_state"
+    assert torch.equal(ours_out[name], theirs_out[name])

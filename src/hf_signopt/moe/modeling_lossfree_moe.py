@@ -3,7 +3,8 @@
 The router adds a per-expert bias (`e_score_correction_bias`, float32 whatever the model dtype) to the routing
 scores to choose the top-k experts, and gates the chosen experts with the unbiased scores. Everything else
 (attention, experts with their implementation dispatch, norms, rotary embedding, the causal-LM head and
-Mixtral's auxiliary loss) is Mixtral's own code, reused by subclassing.
+Mixtral's auxiliary loss) is Mixtral's own code, reused by subclassing; the models are built by Mixtral's own
+constructors, which build our decoder layer (and so our router) where they build Mixtral's.
 
 `save_pretrained` writes the MoE blocks under Mixtral's Hub names (the conversion mapping registered in
 `hf_signopt.integrations.auto_lossfree_moe`); each decoder layer reads those names back in `load_state_dict` too,
@@ -11,6 +12,8 @@ so `Trainer`'s checkpoint reload (`resume_from_checkpoint`, `load_best_model_at_
 """
 
 import re
+import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +24,11 @@ from transformers.modeling_layers import (
     GenericForSequenceClassification,
     GenericForTokenClassification,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.models.mixtral.modeling_mixtral import (
     MixtralDecoderLayer,
     MixtralForCausalLM,
     MixtralModel,
     MixtralPreTrainedModel,
-    MixtralRMSNorm,
-    MixtralRotaryEmbedding,
     MixtralTopKRouter,
 )
 from transformers.utils import logging
@@ -149,6 +149,32 @@ def _fuse_expert_pieces(
         missing_keys.extend(absent)
 
 
+def _building_ours(init: Callable, **classes: type[nn.Module]) -> Callable:
+    """Returns the constructor `init` of a Mixtral class, building `classes` where it builds the Mixtral classes of
+    the same names (e.g. `MixtralDecoderLayer=LossFreeMoeDecoderLayer`).
+
+    A transformers modular model writes only what differs, and transformers' converter writes the parent's
+    `__init__` out again with the subclass's building blocks in it. This is that, without the copy: Mixtral's own
+    code, run with our classes under Mixtral's names, so it builds the same modules in the same order and draws the
+    same random numbers (the same weights for the same seed). Mixtral's module is left as it is.
+
+    Raises:
+        TypeError: If `init` builds none of `classes` under those names (a transformers version whose Mixtral is
+            built differently), instead of silently building Mixtral's classes.
+    """
+    codes, names = [init.__code__], set()
+    while codes:  # the function and the comprehensions inside it
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    unused = sorted(set(classes) - names)
+    if unused:
+        raise TypeError(f"{init.__qualname__} does not build {unused} in this version of transformers.")
+    return types.FunctionType(
+        init.__code__, {**init.__globals__, **classes}, init.__name__, init.__defaults__, init.__closure__
+    )
+
+
 class LossFreeMoeTopKRouter(Float32RouterBias, MixtralTopKRouter):
     """Mixtral's top-k router with a selection-only, float32 per-expert bias.
 
@@ -233,6 +259,9 @@ class LossFreeMoePreTrainedModel(MixtralPreTrainedModel):
         super()._adjust_missing_and_unexpected_keys(loading_info)
 
 
+_build_mixtral_model = _building_ours(MixtralModel.__init__, MixtralDecoderLayer=LossFreeMoeDecoderLayer)
+
+
 class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
     """Mixtral's decoder stack (`MixtralModel.forward`) built from [`LossFreeMoeDecoderLayer`]s.
 
@@ -243,17 +272,7 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel, MixtralModel):
 
     def __init__(self, config: LossFreeMoeConfig):
         config.validate()  # fields may have been edited since the config was built
-        PreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LossFreeMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = MixtralRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        _build_mixtral_model(self, config)
         if config.router_bias_update_rate > 0:
             LossFreeBalancer(self, follow_optimizer=True, count_eval_tokens=True)  # the hooks keep it alive
 
@@ -262,15 +281,7 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, MixtralForCausalLM):
     """Mixtral's causal-LM head and loss (`MixtralForCausalLM.forward`, including the optional aux loss and
     `generate()`) on a [`LossFreeMoeModel`]."""
 
-    def __init__(self, config: LossFreeMoeConfig):
-        PreTrainedModel.__init__(self, config)
-        self.model = LossFreeMoeModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_local_experts
-        self.num_experts_per_tok = config.num_experts_per_tok
-        self.post_init()
+    __init__ = _building_ours(MixtralForCausalLM.__init__, MixtralModel=LossFreeMoeModel)
 
 
 class LossFreeMoeForSequenceClassification(GenericForSequenceClassification, LossFreeMoePreTrainedModel):
