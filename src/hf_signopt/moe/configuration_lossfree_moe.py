@@ -1,13 +1,15 @@
 """Configuration of the loss-free balanced Mixture-of-Experts model: Mixtral's config plus router-bias fields."""
 
 import math
+from functools import partial
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers import MixtralConfig
 from transformers.activations import ACT2FN
 
+from .balancer import DEFAULT_UPDATE_RATE, DEFAULT_UPDATE_RULE, validate_update_rate, validate_update_rule
+
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTER_BIAS_UPDATE_RULES = ("sign", "rms", "linear")
 
 
 def _require_positive_int(name: str, value: int) -> None:
@@ -20,6 +22,11 @@ def _require_finite_in(name: str, value: float, low: float, high: float, high_in
     if not (math.isfinite(value) and value >= low and upper_ok):
         upper = f"{high}]" if high_inclusive else f"{high})"
         raise ValueError(f"`{name}` must be a finite number in [{low}, {upper}, got {value!r}.")
+
+
+def _require_one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
 @strict
@@ -53,7 +60,9 @@ class LossFreeMoeConfig(MixtralConfig):
             train the aux-loss baseline. The loss is Mixtral's formula (softmax of the router logits, unbiased
             top-k) whatever `router_score_func` is.
 
-    Every field is validated when the config is built and saved; a bad value raises
+    Every field is validated when the config is built. `router_score_func`, `router_bias_update_rate` and
+    `router_aux_loss_coef` are checked again whenever they are set; the other fields, and the constraints between
+    fields, when the config is saved or given to a model. A bad value raises
     `huggingface_hub.errors.StrictDataclassError` (as for all transformers configs) whose message names the value
     and the allowed range.
 
@@ -72,11 +81,18 @@ class LossFreeMoeConfig(MixtralConfig):
 
     model_type = "lossfree_moe"
 
-    router_aux_loss_coef: float | int = 0.0
-    router_score_func: str = "softmax"
+    # A field's own range is checked whenever the field is set, as transformers' `interval(...)` fields are.
+    router_aux_loss_coef: float | int = validated_field(
+        partial(_require_finite_in, "router_aux_loss_coef", low=0.0, high=math.inf, high_inclusive=False), default=0.0
+    )
+    router_score_func: str = validated_field(
+        partial(_require_one_of, "router_score_func", choices=ROUTER_SCORE_FUNCS), default="softmax"
+    )
     norm_topk_prob: bool = True
-    router_bias_update_rate: float | int = 0.001
-    router_bias_update_rule: str = "sign"
+    router_bias_update_rate: float | int = validated_field(
+        partial(validate_update_rate, source="`router_bias_update_rate`"), default=DEFAULT_UPDATE_RATE
+    )
+    router_bias_update_rule: str = DEFAULT_UPDATE_RULE
 
     def __post_init__(self, **kwargs):
         # A Mixtral `config.json` says `model_type="mixtral"`; without this it would shadow the class attribute on
@@ -86,18 +102,8 @@ class LossFreeMoeConfig(MixtralConfig):
         super().__post_init__(**kwargs)
 
     def validate_lossfree_router(self):
-        """Part of `@strict`-powered validation: the router and bias-balancing fields."""
-        if self.router_score_func not in ROUTER_SCORE_FUNCS:
-            raise ValueError(
-                f"`router_score_func` must be one of {ROUTER_SCORE_FUNCS}, got {self.router_score_func!r}."
-            )
-        if self.router_bias_update_rule not in ROUTER_BIAS_UPDATE_RULES:
-            raise ValueError(
-                f"`router_bias_update_rule` must be one of {ROUTER_BIAS_UPDATE_RULES}, "
-                f"got {self.router_bias_update_rule!r}."
-            )
-        _require_finite_in("router_bias_update_rate", self.router_bias_update_rate, 0.0, math.inf, False)
-        _require_finite_in("router_aux_loss_coef", self.router_aux_loss_coef, 0.0, math.inf, False)
+        """Part of `@strict`-powered validation: the balancer's update rule and Mixtral's router fields."""
+        validate_update_rule(self.router_bias_update_rule, "`router_bias_update_rule`")
         _require_finite_in("router_jitter_noise", self.router_jitter_noise, 0.0, 1.0, high_inclusive=False)
         _require_positive_int("num_local_experts", self.num_local_experts)
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
@@ -139,4 +145,4 @@ class LossFreeMoeConfig(MixtralConfig):
         _require_finite_in("attention_dropout", self.attention_dropout, 0.0, 1.0)
 
 
-__all__ = ["LossFreeMoeConfig", "ROUTER_BIAS_UPDATE_RULES", "ROUTER_SCORE_FUNCS"]
+__all__ = ["LossFreeMoeConfig", "ROUTER_SCORE_FUNCS"]
