@@ -28,7 +28,7 @@ from hf_signopt import (
     LossFreeMoeTopKRouter,
     attached_balancer,
 )
-from hf_signopt.moe.modeling_lossfree_moe import LossFreeMoeDecoderLayer
+from hf_signopt.moe.modeling_lossfree_moe import LossFreeMoeDecoderLayer, _building_ours
 from moe_tiny import TINY_MOE
 
 TINY = {**TINY_MOE, "pad_token_id": 0}
@@ -256,3 +256,8 @@ def test_same_seed_builds_mixtral_weights_and_structure(ours, theirs, rate):
         ours_out, theirs_out = model(ids), mixtral(ids)
     name = "logits" if ours is LossFreeMoeForCausalLM else "last_hidden_state"
     assert torch.equal(ours_out[name], theirs_out[name])
+
+
+def test_a_mixtral_constructor_that_does_not_build_the_class_is_refused():
+    with pytest.raises(TypeError, match=r"MixtralModel.__init__ does not build \['MixtralTopKRouter'\]"):
+        _building_ours(MixtralModel.__init__, MixtralTopKRouter=LossFreeMoeTopKRouter)

@@ -156,11 +156,12 @@ def _building_ours(init: Callable, **classes: type[nn.Module]) -> Callable:
     A transformers modular model writes only what differs, and transformers' converter writes the parent's
     `__init__` out again with the subclass's building blocks in it. This is that, without the copy: Mixtral's own
     code, run with our classes under Mixtral's names, so it builds the same modules in the same order and draws the
-    same random numbers (the same weights for the same seed). Mixtral's module is left as it is.
+    same random numbers (the same weights for the same seed). Mixtral's module is left as it is; its other names
+    are read as they are when this is called.
 
     Raises:
-        TypeError: If `init` builds none of `classes` under those names (a transformers version whose Mixtral is
-            built differently), instead of silently building Mixtral's classes.
+        TypeError: If `init` does not name one of `classes` (a transformers version whose Mixtral is built
+            differently), instead of silently building Mixtral's class.
     """
     codes, names = [init.__code__], set()
     while codes:  # the function and the comprehensions inside it
