@@ -12,75 +12,43 @@ scores only to choose the top-k experts. After each optimizer step the bias move
 from __future__ import annotations
 
 import inspect
-import math
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging
+
+from ..bias_balancing import (
+    DEFAULT_UPDATE_RATE,
+    DEFAULT_UPDATE_RULE,
+    UPDATE_RULES,  # noqa: F401  (importable from here, as before the core moved out)
+    Float32Bias,
+    FollowsOptimizerSteps,
+    all_reduce_counts,
+    bias_update,
+    max_violation,
+    validate_update_rate,
+    validate_update_rule,
+)
 
 logger = logging.get_logger(__name__)
 
 BIAS_NAME = "e_score_correction_bias"
-UPDATE_RULES = ("sign", "rms", "linear")
-DEFAULT_UPDATE_RATE = 1e-3
-DEFAULT_UPDATE_RULE = "sign"
 
 # A router may have at most one live balancer: two would count every token twice and update twice.
 # Weak both ways, so that the registry keeps neither the router nor its balancer alive.
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
-# Balancers that update after every optimizer step that holds their model's parameters.
-_FOLLOWING: weakref.WeakSet[LossFreeBalancer] = weakref.WeakSet()
-_optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
 
 
-class Float32RouterBias(nn.Module):
+class Float32RouterBias(Float32Bias):
     """Mixed into router classes holding `e_score_correction_bias`: the bias follows the router's device but stays
     float32 under `model.to(dtype)`, `.half()` and `.bfloat16()`."""
 
-    def _apply(self, fn, recurse=True):
-        # `model.to(dtype)`, `.half()`, `.bfloat16()` all go through `_apply`: follow the device, keep float32
-        # values bit for bit (a bf16 round trip would move the bias by up to 0.4%).
-        bias = self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            self.e_score_correction_bias = bias.to(device=moved.device)
-        return self
-
-
-def validate_update_rate(rate: Any, source: str = "update_rate") -> float:
-    """Check a bias update rate and return it as a float.
-
-    Args:
-        rate: The step size `u` of the bias update.
-        source: Name used in the error message.
-
-    Raises:
-        ValueError: If `rate` is not a finite real number >= 0.
-    """
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"{source} must be a finite number >= 0, got {rate!r}")
-    return float(rate)
-
-
-def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
-    """Check a bias update rule name and return it.
-
-    Args:
-        rule: One of `UPDATE_RULES`.
-        source: Name used in the error message.
-
-    Raises:
-        ValueError: If `rule` is not a known rule name.
-    """
-    if rule not in UPDATE_RULES:
-        raise ValueError(f"{source} must be one of {UPDATE_RULES}, got {rule!r}")
-    return rule
+    float32_bias_name = BIAS_NAME
 
 
 def attached_balancer(model: nn.Module) -> LossFreeBalancer | None:
@@ -104,19 +72,6 @@ class _RouterCounter:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.balancer._count(self.layer, self.name, module, output)
-
-
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Global optimizer step post-hook: step every following balancer whose model this optimizer trains.
-
-    Not inside a step compiled with `torch.compile` (dynamo would trace it into every compiled step): there the
-    Trainer's callback makes the update, and a plain loop calls `balancer.step()` after the compiled step.
-    """
-    if torch.compiler.is_compiling():
-        return
-    for balancer in list(_FOLLOWING):
-        if balancer._counted and balancer._is_trained_by(optimizer):
-            balancer.step()
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -175,57 +130,6 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def bias_update(counts: torch.Tensor, num_experts: torch.Tensor, rule: str, rate: float) -> torch.Tensor:
-    """Compute the bias increment of every layer from its expert loads.
-
-    Rows are layers, padded to the widest layer: entries at or beyond `num_experts[layer]` must be 0.
-    A layer that saw no token does not move. With `F` the load fractions and `Q = 1/E` their mean:
-
-    - `"sign"`: `u * sign(mean_load - load_i)` (exactly 0 where the load equals the mean);
-    - `"rms"`: `u * (Q - F) / RMS(Q - F)` (0 when all loads are equal);
-    - `"linear"`: `u * (mean_load - load_i) / mean_load`.
-
-    Args:
-        counts: Integer tokens per expert, shape `(num_layers, max_experts)`.
-        num_experts: Experts per layer, integer tensor of shape `(num_layers,)`.
-        rule: One of `UPDATE_RULES`.
-        rate: Step size `u`.
-
-    Returns:
-        float32 tensor shaped like `counts`, zero in the padding.
-    """
-    num_experts = num_experts.to(counts.device)
-    valid = torch.arange(counts.shape[1], device=counts.device) < num_experts[:, None]
-    total = counts.sum(dim=1, keepdim=True)
-    experts = num_experts[:, None]
-    if rule == "sign":
-        # Integer comparison of E * load_i with the total: exact, so a load equal to the mean gives 0.
-        direction = torch.sign(total - experts * counts).to(torch.float64)
-    else:
-        fractions = counts.to(torch.float64) / total.clamp_min(1)
-        deviation = torch.where(valid, 1.0 / experts - fractions, 0.0)
-        if rule == "rms":
-            rms = (deviation.square().sum(dim=1, keepdim=True) / experts).sqrt()
-            direction = deviation / rms.clamp_min(torch.finfo(torch.float64).tiny)
-        else:
-            direction = deviation * experts
-    direction = torch.where(valid & (total > 0), direction, 0.0)
-    return (rate * direction).to(torch.float32)
-
-
-def max_violation(counts: torch.Tensor, num_experts: torch.Tensor) -> torch.Tensor:
-    """MaxVio per layer: `(max_i load_i - mean_load) / mean_load`; NaN for a layer that saw no token.
-
-    Args:
-        counts: Integer tokens per expert, shape `(num_layers, max_experts)`, zero-padded.
-        num_experts: Experts per layer, shape `(num_layers,)`.
-    """
-    total = counts.sum(dim=1).to(torch.float64)
-    mean = total / num_experts.to(device=counts.device, dtype=torch.float64)
-    highest = counts.max(dim=1).values.to(torch.float64)
-    return ((highest - mean) / mean).to(torch.float32)
-
-
 def maxvio_summary(maxvio: torch.Tensor) -> tuple[float, float] | None:
     """Mean and worst layer of a per-layer MaxVio, over the layers that routed tokens. Synchronizes once.
 
@@ -262,7 +166,7 @@ class LoadBalanceMetrics:
         return {} if summary is None else {f"{prefix}maxvio": summary[0], f"{prefix}maxvio_max": summary[1]}
 
 
-class LossFreeBalancer:
+class LossFreeBalancer(FollowsOptimizerSteps):
     """Counts routed tokens per expert and applies the loss-free bias update once per optimizer step.
 
     The balancer hooks every router of `model` that carries an `e_score_correction_bias` buffer and reads
@@ -347,9 +251,6 @@ class LossFreeBalancer:
         self.follow_optimizer = follow_optimizer
         self.steps_taken = 0  # bias updates so far
         self._counted = False  # training tokens counted since the last update (a host-side flag, no sync)
-        self._trained_by: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = (
-            weakref.WeakKeyDictionary()
-        )
         self._maxvio_sum: torch.Tensor | None = None  # per layer, over the updates since `pop_training_maxvio`
         self._routed_steps: torch.Tensor | None = None  # per layer, the updates in which it routed tokens
         self.router_names = tuple(name for name, _ in routers)
@@ -390,11 +291,7 @@ class LossFreeBalancer:
         self._moved = False  # a copy of a hooked router counted (PEFT's modules_to_save): refresh at the update
         for router in self._routers:
             _OWNERS[router] = weakref.ref(self)
-        if follow_optimizer:
-            global _optimizer_hook
-            if _optimizer_hook is None:
-                _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
-            _FOLLOWING.add(self)
+        self._follow_optimizer_steps(follow_optimizer)
 
     @staticmethod
     def _resolve(explicit: Any, config: Any, field: str, argument: str, default: Any) -> Any:
@@ -494,19 +391,8 @@ class LossFreeBalancer:
             for router in self._routers:
                 _OWNERS[router] = weakref.ref(self)
 
-    def _is_trained_by(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether `optimizer` holds parameters of the model (cached per optimizer and number of groups)."""
-        cached = self._trained_by.get(optimizer)
-        if cached is None or cached[0] != len(optimizer.param_groups):
-            ours = {id(p) for p in self.model.parameters()}
-            held = any(id(p) in ours for group in optimizer.param_groups for p in group["params"])
-            cached = (len(optimizer.param_groups), held)
-            self._trained_by[optimizer] = cached
-        return cached[1]
-
-    def _reduce(self, counts: torch.Tensor) -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
+    def _followed_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -525,7 +411,7 @@ class LossFreeBalancer:
         if self._moved:
             self._refresh_routers()
         counts = self._train_counts
-        self._reduce(counts)
+        all_reduce_counts(counts, self.process_group)
         increments = bias_update(counts, self.num_experts, self.update_rule, self.update_rate)
         for layer, router in enumerate(self._routers):
             bias = getattr(router, BIAS_NAME)
@@ -560,7 +446,7 @@ class LossFreeBalancer:
         if not self.count_eval_tokens:
             raise RuntimeError("eval_metrics() needs LossFreeBalancer(..., count_eval_tokens=True)")
         counts = self._eval_counts.clone()
-        self._reduce(counts)
+        all_reduce_counts(counts, self.process_group)
         if reset:
             self._eval_counts.zero_()
         return LoadBalanceMetrics(self.router_names, counts, max_violation(counts, self.num_experts))
@@ -583,7 +469,7 @@ class LossFreeBalancer:
             reference = _OWNERS.get(router)
             if reference is not None and reference() is self:
                 del _OWNERS[router]
-        _FOLLOWING.discard(self)
+        self._follow_optimizer_steps(False)
 
 
 def enable_balancing(model: nn.Module, update_rate: float | None = None, update_rule: str | None = None,
