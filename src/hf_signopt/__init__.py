@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .integrations import SIGN_OPTIMIZERS, register_sign_optimizers, register_trainer_optimizer
 from .integrations.auto_lossfree_moe import register_lossfree_moe
 from .integrations.peft_router_bias import register_peft_router_bias
+from .integrations.trainer_majority_vote import register_trainer_majority_vote
 from .moe import (
     LoadBalanceMetrics,
     LossFreeBalanceCallback,
@@ -29,6 +30,7 @@ from .moe import (
     register_trainer_balance_callback,
     router_param_groups,
 )
+from . import distributed
 from .optim import Lion, SignMomentum, Signum, Simba
 
 # `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
@@ -39,6 +41,8 @@ register_lossfree_moe()
 register_trainer_balance_callback()
 # PEFT adapters save the router biases (PEFT is wrapped when it is imported).
 register_peft_router_bias()
+# `optim_args="majority_vote=true"`: the Trainer's DDP model leaves the gradients to the optimizer's vote.
+register_trainer_majority_vote()
 
 __all__ = [
     "__version__",
@@ -61,9 +65,11 @@ __all__ = [
     "TrainerBalanceCallback",
     "add_router_bias",
     "attached_balancer",
+    "distributed",
     "disable_balancing",
     "enable_balancing",
     "register_lossfree_moe",
+    "register_trainer_majority_vote",
     "register_sign_optimizers",
     "register_trainer_balance_callback",
     "register_trainer_optimizer",

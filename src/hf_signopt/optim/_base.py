@@ -210,7 +210,8 @@ class MomentumSignOptimizer(SignOptimizer):
     """Base of the optimizers whose hyperparameters are `lr`, `momentum` and `weight_decay` (Signum, SignMomentum).
 
     State: ``momentum_buffer`` per parameter, unless `_uses_buffers(group)` says otherwise.
-    Subclasses document the arguments and set `_functional_step` to their functional in `_functional`.
+    Subclasses document the arguments and set `_functional_step` to their functional in `_functional`;
+    `extra_defaults` are further group keys of a subclass.
     """
 
     def __init__(
@@ -223,8 +224,10 @@ class MomentumSignOptimizer(SignOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         nonfinite_check_interval: int = DEFAULT_NONFINITE_CHECK_INTERVAL,
+        **extra_defaults: Any,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, fused=fused,
+                        **extra_defaults)
         super().__init__(params, defaults, nonfinite_check_interval)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
