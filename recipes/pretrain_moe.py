@@ -56,7 +56,6 @@ from transformers import (
 
 import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
 from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig
-from hf_signopt.moe.balancer import find_routers
 
 logger = logging.getLogger(__name__)
 
@@ -148,31 +147,17 @@ class ModelArguments:
         })
 
 
-class MoeTrainer(Trainer):
-    """`Trainer` whose optimizer runs the MoE routers at `router_learning_rate_ratio` x the learning rate.
-
-    A sign optimizer moves every router weight by about `lr` per step whatever the size of its gradient; at the
-    full rate the router logits outgrow what a bias moving 0.001 per step can steer (README, recipe 1).
-    """
-
-    def __init__(self, *args: Any, router_learning_rate_ratio: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.router_learning_rate_ratio = router_learning_rate_ratio
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """Builds the optimizer as `Trainer` does, then moves the router weights into groups of their own."""
-        if self.optimizer is not None:
-            return self.optimizer
-        optimizer = super().create_optimizer(model)
-        router_ids = {id(p) for _, router in find_routers(self.model) for p in router.parameters()}
-        for group in list(optimizer.param_groups):
-            routers = [p for p in group["params"] if id(p) in router_ids]
-            if routers and self.router_learning_rate_ratio != 1:
-                group["params"] = [p for p in group["params"] if id(p) not in router_ids]
-                settings = {key: value for key, value in group.items() if key != "params"}
-                lr = group["lr"] * self.router_learning_rate_ratio
-                optimizer.add_param_group({**settings, "params": routers, "lr": lr})
-        return optimizer
+def with_router_lr_ratio(optim_args: str | None, ratio: float) -> str | None:
+    """`optim_args` that also train the MoE routers at `ratio` x the learning rate (hf_signopt's `router_lr_ratio`,
+    for any `optim`). A sign optimizer moves every router weight by about `lr` per step whatever the size of its
+    gradient; at the full rate the router logits outgrow what a bias moving 0.001 per step can steer (README,
+    recipe 1)."""
+    if ratio == 1:
+        return optim_args
+    if "router_lr_ratio" in (optim_args or ""):
+        raise ValueError("Set the routers' learning rate once: --router_learning_rate_ratio or router_lr_ratio in "
+                         f"--optim_args, not both (got {optim_args!r}).")
+    return ",".join(filter(None, [optim_args, f"router_lr_ratio={ratio}"]))
 
 
 @contextlib.contextmanager
@@ -226,10 +211,10 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     if training_args.ddp_find_unused_parameters is None:  # only the eager experts kernel skips idle experts
         training_args.ddp_find_unused_parameters = model.config._experts_implementation == "eager"
     balance = LossFreeBalanceCallback()
-    trainer = MoeTrainer(
+    training_args.optim_args = with_router_lr_ratio(training_args.optim_args, model_args.router_learning_rate_ratio)
+    trainer = Trainer(
         model=model, args=training_args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
         processing_class=tokenizer, data_collator=default_data_collator, callbacks=[balance],
-        router_learning_rate_ratio=model_args.router_learning_rate_ratio,
     )
 
     log_start(training_args, model, data_args)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub.errors import StrictDataclassError
-from transformers import MixtralConfig, TrainingArguments
+from transformers import MixtralConfig
 
 from hf_signopt import LossFreeMoeConfig, LossFreeMoeForCausalLM
 import pretrain_moe
-from pretrain_moe import ModelArguments, MoeTrainer, language_modeling_loss_only
+from pretrain_moe import ModelArguments, language_modeling_loss_only, with_router_lr_ratio
 from recipe_utils import parse_arguments
 
 
@@ -134,42 +134,12 @@ def tiny_model() -> LossFreeMoeForCausalLM:
     return LossFreeMoeForCausalLM(args.build_config(Tokenizer(64), 16))
 
 
-def test_router_weights_get_their_own_groups_at_the_ratio_of_the_learning_rate(tmp_path):
-    model = tiny_model()
-    routers = [layer.mlp.gate.weight for layer in model.model.layers]
-    names = {id(p): n for n, p in model.named_parameters()}
-    args = TrainingArguments(str(tmp_path), optim="simba", optim_args="window_size=64,threshold=0.2",
-                             learning_rate=2e-3, weight_decay=0.1, use_cpu=True, report_to="none")
-    trainer = MoeTrainer(model=model, args=args, router_learning_rate_ratio=0.25)
-    optimizer = trainer.create_optimizer()
-    assert trainer.create_optimizer() is optimizer and trainer.optimizer is optimizer
-    groups = optimizer.param_groups
-    assert len(groups) == 3
-    decay, no_decay, router_group = groups
-    assert {id(p) for p in router_group["params"]} == {id(p) for p in routers}
-    assert (router_group["lr"], router_group["weight_decay"]) == (2e-3 * 0.25, 0.1)
-    assert (router_group["window_size"], router_group["threshold"]) == (64, 0.2)  # the optimizer's settings too
-    # The weight decay groups are intact, less the routers: norms (and any bias) never decay.
-    assert (decay["lr"], decay["weight_decay"], no_decay["lr"], no_decay["weight_decay"]) == (2e-3, 0.1, 2e-3, 0.0)
-    expected_no_decay = {n for n in names.values() if "norm" in n or n.endswith(".bias")}
-    assert {names[id(p)] for p in no_decay["params"]} == expected_no_decay
-    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - expected_no_decay - {
-        names[id(p)] for p in routers}
-    every = [names[id(p)] for g in groups for p in g["params"]]
-    assert sorted(every) == sorted(names.values())  # each parameter exactly once
-    # The schedule scales every group alike, so the routers stay at the ratio.
-    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
-    for _ in range(4):
-        optimizer.step()
-        scheduler.step()
-        assert 0 < groups[0]["lr"] < 2e-3
-        assert router_group["lr"] == pytest.approx(0.25 * groups[0]["lr"], rel=1e-12)
-
-
-def test_at_ratio_one_the_trainer_s_groups_are_unchanged(tmp_path):
-    args = TrainingArguments(str(tmp_path), optim="lion", learning_rate=1e-3, use_cpu=True, report_to="none")
-    optimizer = MoeTrainer(model=tiny_model(), args=args, router_learning_rate_ratio=1.0).create_optimizer()
-    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.0), (1e-3, 0.0)]
+def test_the_router_ratio_becomes_the_library_s_optim_args_key():
+    assert with_router_lr_ratio(None, 0.1) == "router_lr_ratio=0.1"
+    assert with_router_lr_ratio("window_size=64", 0.25) == "window_size=64,router_lr_ratio=0.25"
+    assert with_router_lr_ratio("window_size=64", 1.0) == "window_size=64"  # all at the learning rate
+    with pytest.raises(ValueError, match="once: --router_learning_rate_ratio or router_lr_ratio"):
+        with_router_lr_ratio("router_lr_ratio=0.5", 0.1)
 
 
 def test_evaluation_leaves_out_the_auxiliary_loss_and_restores_the_setting():

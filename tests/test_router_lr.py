@@ -71,6 +71,37 @@ def test_trainer_optim_args_router_lr_ratio_survives_the_schedule(tmp_path):
         assert lrs[router_groups[0]] == pytest.approx(0.25 * others[0]) and len(set(others)) == 1
 
 
+@pytest.mark.parametrize(("optim", "optim_args", "settings"), [
+    ("simba", "window_size=64,threshold=0.2,router_lr_ratio=0.25", {"window_size": 64, "threshold": 0.2}),
+    ("adamw_torch", "router_lr_ratio=0.25", {"betas": (0.9, 0.999)}),  # one of transformers' own names
+])
+def test_router_groups_keep_the_trainer_s_grouping_and_the_schedule(tmp_path, optim, optim_args, settings):
+    model = tiny_moe()
+    routers = {id(p) for p in router_parameters(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    args = TrainingArguments(str(tmp_path), optim=optim, optim_args=optim_args, learning_rate=2e-3,
+                             weight_decay=0.1, use_cpu=True, report_to="none")
+    trainer = Trainer(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    assert args.optim_args == optim_args  # the Trainer's arguments are left as they were
+    by_routers = {all(id(p) in routers for p in g["params"]): g for g in optimizer.param_groups if g["params"]}
+    router_group = by_routers[True]
+    assert {id(p) for p in router_group["params"]} == routers
+    assert (router_group["lr"], router_group["weight_decay"]) == (2e-3 * 0.25, 0.1)
+    assert all(router_group[key] == value for key, value in settings.items())  # the optimizer's settings too
+    # The Trainer's weight decay grouping is intact, less the routers: norms never decay.
+    others = [g for g in optimizer.param_groups if g is not router_group]
+    no_decay = {names[id(p)] for g in others if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert no_decay == {n for n in names.values() if "norm" in n or n.endswith(".bias")}
+    every = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(every) == sorted(names.values())  # each parameter exactly once
+    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        assert router_group["lr"] == pytest.approx(0.25 * others[0]["lr"], rel=1e-12) and others[0]["lr"] < 2e-3
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "inf"])
 def test_bad_router_lr_ratio_is_refused(tmp_path, value):
     args = TrainingArguments(str(tmp_path), optim="lion", optim_args=f"router_lr_ratio={value}", report_to=[],

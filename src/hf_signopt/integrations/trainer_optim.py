@@ -8,7 +8,8 @@ Transformers 5.x dispatches `TrainingArguments.optim` in three places, all of wh
    and returns `(optimizer_cls, optimizer_kwargs)`. `Trainer.create_optimizer` then builds the optimizer
    on its own parameter groups, so the Trainer's no-decay grouping of biases and norms still applies.
 3. `Trainer.get_optimizer_cls_and_kwargs`: wrapped so that a malformed `optim_args` for one of our names
-   fails with a clear message before transformers' lenient parser sees it. Other names are untouched.
+   fails with a clear message before transformers' lenient parser sees it, and so that `router_lr_ratio` in
+   `optim_args` works with every name (transformers' own too). Other names' `optim_args` are untouched.
 
 Registration is idempotent: registering the same name again re-points it, never duplicates it.
 """
@@ -183,30 +184,42 @@ def _optim_value(optim: Any) -> str:
 
 
 def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`.
-
-    `optim_args` may also hold `router_lr_ratio` (any name): the routers then learn at that fraction of the
-    learning rate, in groups of their own split from the Trainer's (`router_param_groups`).
-    """
+    """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
     entry = get_trainer_optimizer(_optim_value(ctx.args.optim))
-    entries = split_optim_args(ctx.args.optim_args)
-    ratio = entries.pop(ROUTER_LR_KEY, None)
-    rest = ",".join(f"{key}={value}" for key, value in entries.items())
     kwargs = dict(ctx.optimizer_kwargs)
-    kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, rest))
+    kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
+    return entry.optimizer_cls, kwargs
+
+
+ROUTER_LR_KEY = "router_lr_ratio"
+
+
+def _with_router_lr_ratio(original: Any, args: Any, model: Any) -> tuple[Any, Any]:
+    """`original(args, model)` for any `optim` name, where `optim_args` may also hold `router_lr_ratio`: the MoE
+    routers then learn at that fraction of the learning rate, in groups of their own split from the Trainer's
+    (`router_param_groups`)."""
+    ours = _optim_value(args.optim) in _REGISTRY
+    if not ours and ROUTER_LR_KEY not in (args.optim_args or ""):
+        return original(args, model)  # transformers' own names keep transformers' own optim_args parsing
+    entries = split_optim_args(args.optim_args)
+    ratio = entries.pop(ROUTER_LR_KEY, None)
     if ratio is None:
-        return entry.optimizer_cls, kwargs
+        return original(args, model)
     try:
         ratio = validate_router_lr_ratio(float(ratio))
     except ValueError as error:
         raise ValueError(f"optim_args {ROUTER_LR_KEY}={ratio!r}: expected a number > 0") from error
-    if ctx.model is None:
+    if model is None:
         raise ValueError(f"optim_args {ROUTER_LR_KEY} needs the model, and the Trainer passed none")
-    kwargs.update(router_model=ctx.model, router_lr_ratio=ratio)
-    return with_router_learning_rate(entry.optimizer_cls), kwargs
-
-
-ROUTER_LR_KEY = "router_lr_ratio"
+    given, args.optim_args = args.optim_args, ",".join(f"{key}={value}" for key, value in entries.items()) or None
+    try:
+        optimizer_cls, kwargs = original(args, model)
+    finally:
+        args.optim_args = given
+    if not isinstance(optimizer_cls, type) or "params" in kwargs or "model" in kwargs:
+        raise ValueError(f"optim_args {ROUTER_LR_KEY} is not supported with optim={_optim_value(args.optim)!r}, "
+                         "which builds its own parameter groups")
+    return with_router_learning_rate(optimizer_cls), {**kwargs, "router_model": model, "router_lr_ratio": ratio}
 
 
 @functools.cache
@@ -224,14 +237,13 @@ def with_router_learning_rate(optimizer_cls: type[torch.optim.Optimizer]) -> typ
 
 
 def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
-    """Makes `trainer_cls.get_optimizer_cls_and_kwargs` reject malformed `optim_args` of our names clearly."""
+    """Makes `trainer_cls.get_optimizer_cls_and_kwargs` reject malformed `optim_args` of our names clearly and
+    take `router_lr_ratio` for any name."""
     current = trainer_cls.__dict__["get_optimizer_cls_and_kwargs"].__func__
     original = getattr(current, _WRAPPED_MARKER, current)
 
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
-        if _optim_value(args.optim) in _REGISTRY:
-            split_optim_args(args.optim_args)
-        return original(args, model)
+        return _with_router_lr_ratio(original, args, model)
 
     get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
     get_optimizer_cls_and_kwargs.__wrapped__ = original
