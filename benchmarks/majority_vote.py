@@ -5,7 +5,9 @@ gradient communication on gloo loopback, timed as the median of `--repeats`: DDP
 then the division by the world size) against the majority vote (pack the signs, one all-gather of the packed
 bits, count the votes: everything `majority_vote_hook` does). Bytes each rank sends and receives are computed
 from the collectives, for ring algorithms: an all-reduce of B bytes moves 2 (W - 1) / W * B each way, an
-all-gather of B bytes from each rank moves (W - 1) * B.
+all-gather of B bytes from each rank moves (W - 1) * B. Loopback moves bytes at memory speed, so the table also
+gives the vote's own compute (packing and counting, no communication) and what the bytes would take on a 10 Gbit/s
+link.
 
 `--part train`: the main job (`recipes/pretrain_moe.py`, its model, data and seed) on 2 CPU processes with
 `accelerate launch`, at the main job's global batch (8 rows per rank), for `--steps` steps: signSGD + vote,
@@ -31,6 +33,7 @@ import torch.multiprocessing as mp
 from hf_signopt.distributed import count_votes, pack_votes
 
 REPO = Path(__file__).resolve().parent.parent
+LINK_GBIT = 10  # a common data-center Ethernet link, for the bytes' transfer time
 RUNS = {  # name -> (optim, optim_args, learning rate)
     "signSGD + vote": ("signsgd", "majority_vote=true", 2e-3),
     "Signum + vote": ("signum", "majority_vote=true", 2e-3),
@@ -60,8 +63,11 @@ def _comm_rank(rank: int, world: int, numel: int, repeats: int, port: int, resul
         dist.all_gather_single(gathered, packed)
         count_votes(gathered.view(world, -1), numel, grad.dtype)
 
+    def vote_compute():  # the vote's own work, no communication
+        count_votes(pack_votes(grad, rank).expand(world, -1), numel, grad.dtype)
+
     times = {}
-    for name, fn in (("fp32 all-reduce", all_reduce), ("majority vote", vote)):
+    for name, fn in (("fp32 all-reduce", all_reduce), ("majority vote", vote), ("compute", vote_compute)):
         fn()  # warm-up
         samples = []
         for _ in range(repeats):
@@ -78,8 +84,9 @@ def _comm_rank(rank: int, world: int, numel: int, repeats: int, port: int, resul
 
 def communication(numel: int, world_sizes: list[int], repeats: int) -> str:
     rows = [
-        "| ranks | collective | bytes sent per rank | vs fp32 | loopback time (ms) | vs fp32 |",
-        "|---|---|---:|---:|---:|---:|",
+        "| ranks | collective | bytes sent per rank | vs fp32 | loopback time (ms) | vs fp32 | of it pack + count (ms) "
+        f"| bytes at {LINK_GBIT:g} Gbit/s (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     context = mp.get_context("spawn")
     for index, world in enumerate(world_sizes):
@@ -94,9 +101,11 @@ def communication(numel: int, world_sizes: list[int], repeats: int) -> str:
             p.join()
         sent = ring_bytes(world, numel)
         for name in ("fp32 all-reduce", "majority vote"):
+            compute = f"{1000 * times['compute']:.1f}" if name == "majority vote" else "-"
             rows.append(
                 f"| {world} | {name} | {sent[name]:,} | {sent[name] / sent['fp32 all-reduce']:.4f} "
-                f"| {1000 * times[name]:.1f} | {times[name] / times['fp32 all-reduce']:.2f} |"
+                f"| {1000 * times[name]:.1f} | {times[name] / times['fp32 all-reduce']:.2f} | {compute} "
+                f"| {1000 * sent[name] * 8 / (LINK_GBIT * 1e9):.1f} |"
             )
     return "\n".join(rows)
 
