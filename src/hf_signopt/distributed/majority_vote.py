@@ -63,7 +63,7 @@ def pack_votes(values: torch.Tensor, rank: int) -> torch.Tensor:
     Returns:
         uint8 tensor of `ceil(values.numel() / 8)` bytes on `values`' device.
     """
-    flat = values.reshape(-1)
+    flat = values.contiguous().view(-1)
     n = flat.numel()
     whole = n - n % 8
     bits = torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=flat.device)
@@ -112,7 +112,8 @@ def count_votes(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.T
 
 
 def _all_gather_votes(values: torch.Tensor, group: dist.ProcessGroup | None, rank: int, world: int,
-                      async_op: bool):
+                      async_op: bool) -> tuple[torch.Tensor, dist.Work | None]:
+    """Every rank's packed votes on `values`, `(world, bytes)`, and the all-gather's work handle."""
     packed = pack_votes(values, rank)
     gathered = torch.empty(world * packed.numel(), dtype=torch.uint8, device=packed.device)
     work = dist.all_gather_single(gathered, packed, group=group, async_op=async_op)
