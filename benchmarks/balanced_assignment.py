@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--vq_steps", type=int, default=3000)
     parser.add_argument("--latents", type=int, default=1, help="quantized vectors per digit")
-    parser.add_argument("--vq_rate", type=float, default=1e-3, help="bias step of the balanced VQ")
+    parser.add_argument("--vq_rate", type=float, default=3e-3, help="bias step of the balanced VQ")
     parser.add_argument("--restart_every", type=int, default=100, help="dead-code restart period, in steps")
     parser.add_argument("--plot", default="vq_code_usage.png")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,7 +164,7 @@ def plot_usage(usages: dict[str, torch.Tensor], path: str) -> None:
     for axis, (variant, usage) in zip(axes, usages.items()):
         axis.bar(range(usage.numel()), usage.tolist())
         axis.set_ylabel("vectors")
-        axis.set_title(f"{variant}: {int((usage == 0).sum())} dead codes", fontsize=10)
+        axis.set_title(f"{variant}: dead codes {int((usage == 0).sum())} of {usage.numel()}", fontsize=10)
     axes[-1].set_xlabel("code (held-out digits)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
