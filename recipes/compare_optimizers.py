@@ -7,29 +7,65 @@ checkpoints only if asked, e.g. `--save_strategy steps`). The recipe prints, and
 `comparison.json`, a table of final train and eval loss, step time, optimizer-state memory and MaxVio_global, and
 draws every run's training loss in `loss_curves.png`.
 
+A sweep (`--sweep`, `--grid` or `--seeds`) trains each optimizer over a grid of settings, each with every seed,
+in `<output_dir>/<optimizer>/<setting>/seed<seed>/`. `--grid "lion:learning_rate=1e-4,3e-4;weight_decay=0.1,1.0"`
+gives one optimizer's grid (the product of its keys' values); a key is a `TrainingArguments` field (`adam_beta2`,
+`warmup_steps`, ...), a `ModelArguments` field (`router_learning_rate_ratio`, ...) or, for hf_signopt's optimizers,
+an `optim_args` key (`beta1`, `beta2`, `momentum`, `window_size`, `threshold`, ...). Under `--sweep` an optimizer
+without a `--grid` takes its `DEFAULT_GRID` (4 learning rates x 2 weight decays); otherwise it runs at its one
+learning rate. `--max_steps` sets the run length. Every run is marked `diverged` (a non-finite loss, or a last logged
+training loss above the first), `collapsed` (MaxVio_global above `--collapse_maxvio`, default 1.0) or `ok`.
+`sweep.md` / `sweep.json` hold each optimizer's best setting (the lowest mean eval loss over the seeds among the
+settings with no marked run), then every setting: seed means of eval and train loss, the eval loss's spread (max -
+min) over the seeds, step time, optimizer-state memory, MaxVio_global and the marked runs; `eval_loss_vs_lr.png`
+draws eval loss against learning rate, one panel per optimizer, the marked settings as red crosses.
+
+How long a sweep takes on the 2-core development machine (one process, 2 threads): a run of the main job's model
+costs about 0.34-0.40 s per step (0.34 quiet, README; 0.40 measured while shared, 30 steps) plus about 4 s of
+tokenizer, evaluation and saving, so 200 steps are about 75-85 s. The default sweep, `--sweep` (6 optimizers x 8
+settings, one seed, 200 steps), is 48 runs: 1 h to 1 h 10 min. Each further seed adds as much; at 500 steps it is
+2 h 20 min to 2 h 45 min per seed, at 2000 steps 9 to 11 h per seed. The log gives the time left after every run.
+
 Usage:
     python recipes/compare_optimizers.py
     python recipes/compare_optimizers.py --optimizers adamw_torch lion simba --max_steps 100
     python recipes/compare_optimizers.py --optimizers adamw_torch simba --learning_rates 1e-3 5e-4
+    python recipes/compare_optimizers.py --sweep --output_dir outputs/sweep
+    python recipes/compare_optimizers.py --optimizers adamw_torch lion --learning_rates 2e-3 3e-4 --seeds 0 1 2 \\
+        --grid "lion:weight_decay=0.3,1.0,3.0;beta1=0.9,0.95;beta2=0.98,0.99" --max_steps 500
 """
 
+import contextlib
 import dataclasses
+import itertools
 import json
-from collections.abc import Sequence
+import logging
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pretrain_moe
 from recipe_utils import (
+    DataArguments,
+    RunArguments,
     comparison_runs,
     end_processes,
     markdown_table,
     parse_arguments,
     plot_curves,
+    plot_sweep,
     removed_on_failure,
     series,
     setup_logging,
 )
+from transformers import Trainer, TrainingArguments
+
+from hf_signopt import SIGN_OPTIMIZERS
+
+logger = logging.getLogger(__name__)
 
 DEFAULTS = {
     **pretrain_moe.DEFAULTS,
@@ -40,6 +76,16 @@ DEFAULTS = {
     "sample_prompt": "",
 }
 """The main job's defaults, shorter, evaluated once, without checkpoints."""
+
+DEFAULT_GRID = {
+    "adamw_torch": {"learning_rate": [1e-3, 2e-3, 4e-3, 8e-3], "weight_decay": [0.1, 1.0]},
+    **{name: {"learning_rate": [3e-4, 1e-3, 2e-3, 4e-3], "weight_decay": [0.1, 1.0]} for name in SIGN_OPTIMIZERS},
+}
+"""`--sweep`'s grid of each optimizer without a `--grid` of its own: 4 learning rates x 2 weight decays."""
+
+COLLAPSE_MAXVIO = 1.0
+"""A run whose MaxVio_global exceeds this is marked `collapsed`: on average over the layers, the busiest expert takes
+more than twice its share. Balanced runs of the main job end near 0.1-0.3; collapsed ones in the issue near 1.2-2."""
 
 COLUMNS = {
     "optimizer": "optimizer",
@@ -52,11 +98,27 @@ COLUMNS = {
     "state_bytes_per_param": "state bytes/param",
     "maxvio_global": "MaxVio_global",
 }
+SWEEP_COLUMNS = {
+    "optimizer": "optimizer",
+    "label": "setting",
+    "seeds": "seeds",
+    "eval_loss": "eval loss (seed mean)",
+    "eval_loss_spread": "eval loss spread (max - min)",
+    "train_loss": "train loss (run mean)",
+    "step_seconds": "step time (s)",
+    "state_mib": "optimizer state (MiB)",
+    "state_bytes_per_param": "state bytes/param",
+    "maxvio_global": "MaxVio_global",
+    "status": "marked runs",
+}
+"""The sweep's tables: one row per setting, its metrics averaged over the seeds."""
+AVERAGED = ("eval_loss", "train_loss", "step_seconds", "state_mib", "state_bytes_per_param", "maxvio_global")
+"""The run metrics a setting reports as their mean over its seeds."""
 
 
 @dataclasses.dataclass
 class ComparisonArguments:
-    """Which optimizers to compare, in order (the first is the step-time reference)."""
+    """Which optimizers to compare, in order (the first is the step-time reference), and how to sweep them."""
 
     optimizers: list[str] = dataclasses.field(
         default_factory=lambda: ["adamw_torch", "lion", "signum", "signsgd", "signmomentum", "simba"],
@@ -65,6 +127,20 @@ class ComparisonArguments:
     learning_rates: list[float] | None = dataclasses.field(
         default=None, metadata={"help": "One learning rate per optimizer (default: --learning_rate for all)."}
     )
+    grid: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "A sweep: one grid per optimizer, 'optim:key=v1,v2;key=v1,v2', e.g. "
+                                        "'lion:learning_rate=1e-4,3e-4;weight_decay=0.1,1.0;beta2=0.98,0.99'."}
+    )
+    sweep: bool = dataclasses.field(
+        default=False, metadata={"help": "A sweep: optimizers without a --grid take their DEFAULT_GRID."}
+    )
+    seeds: list[int] | None = dataclasses.field(
+        default=None, metadata={"help": "A sweep: the seeds of every setting (default: --seed alone)."}
+    )
+    collapse_maxvio: float = dataclasses.field(
+        default=COLLAPSE_MAXVIO, metadata={"help": "A sweep marks a run whose MaxVio_global exceeds this, > 0."}
+    )
+    grids: dict[str, dict[str, list[Any]]] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.optimizers or len(set(self.optimizers)) != len(self.optimizers):
@@ -72,35 +148,183 @@ class ComparisonArguments:
         if self.learning_rates is not None and len(self.learning_rates) != len(self.optimizers):
             raise ValueError(f"learning_rates has {len(self.learning_rates)} values for {len(self.optimizers)} "
                              f"optimizers {self.optimizers}; give one per optimizer.")
+        self.grids = {}
+        for optim, grid in map(parse_grid, self.grid or []):
+            if optim not in self.optimizers or optim in self.grids:
+                raise ValueError(f"--grid {optim}: each grid names one of --optimizers {self.optimizers}, once.")
+            self.grids[optim] = grid
+        if self.sweep and (missing := [o for o in self.optimizers if o not in self.grids and o not in DEFAULT_GRID]):
+            raise ValueError(f"--sweep has no default grid for {missing} (it has one for {list(DEFAULT_GRID)}); "
+                             "give theirs with --grid.")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}.")
+        if not self.collapse_maxvio > 0:
+            raise ValueError(f"collapse_maxvio must be > 0, got {self.collapse_maxvio}.")
+
+    @property
+    def is_sweep(self) -> bool:
+        """Whether any sweep flag is given (otherwise one run per optimizer, as in a plain comparison)."""
+        return self.sweep or self.grid is not None or self.seeds is not None
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
+def parse_grid(spec: str) -> tuple[str, dict[str, list[Any]]]:
+    """Parses one `--grid`: `"lion:learning_rate=1e-4,3e-4;momentum=ema"` ->
+    `("lion", {"learning_rate": [0.0001, 0.0003], "momentum": ["ema"]})`; numbers become `int` or `float`."""
+    optim, colon, body = spec.partition(":")
+    if not colon or not optim.strip() or not body.strip():
+        raise ValueError(f"--grid {spec!r} is not of the form 'optim:key=v1,v2;key=v1,...'.")
+    grid = {}
+    for entry in body.split(";"):
+        key, equals, values = (part.strip() for part in entry.partition("="))
+        texts = [text.strip() for text in values.split(",")]
+        if not equals or not key or not all(texts):
+            raise ValueError(f"--grid {spec!r}: {entry.strip()!r} is not of the form 'key=v1,v2,...'.")
+        parsed = [grid_value(text) for text in texts]
+        if key in grid or len(set(parsed)) != len(parsed):
+            raise ValueError(f"--grid {spec!r}: give each key once, each of its values once ({key!r}).")
+        grid[key] = parsed
+    return optim.strip(), grid
+
+
+def grid_value(text: str) -> int | float | str:
+    """A grid value: an `int`, else a `float`, else the text itself (`"ema"`)."""
+    for number in (int, float):
+        with contextlib.suppress(ValueError):
+            return number(text)
+    return text
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+    """`"learning_rate=0.001,weight_decay=0.1"`: a setting's name, in its tables and as its runs' directory."""
+    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in setting.items())
+
+
+def sweep_plan(grids: Mapping[str, Mapping[str, Sequence[Any]]], base: Mapping[str, Mapping[str, Any]],
+               seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Every run of a sweep: optimizer by optimizer, each point of its grid (an empty grid is one point), each seed.
+
+    Args:
+        grids: Per optimizer, the values of each swept key.
+        base: Per optimizer, the settings it has where its grid does not set them (learning rate, weight decay).
+        seeds: The seeds of every setting.
+
+    Returns:
+        Dicts with the `optimizer`, its `setting` (`base` updated by the grid point), the `seed` and the `run`'s
+        directory under the output directory, `<optimizer>/<setting_label>/seed<seed>`.
+    """
+    plan = []
+    for optim, grid in grids.items():
+        for point in itertools.product(*grid.values()):
+            setting = {**base[optim], **dict(zip(grid, point))}
+            plan += [{"optimizer": optim, "setting": setting, "seed": seed,
+                      "run": f"{optim}/{setting_label(setting)}/seed{seed}"} for seed in seeds]
+    return plan
+
+
+def run_arguments(run: Mapping[str, Any], optim_args: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits a planned run into `TrainingArguments` and `ModelArguments` changes.
+
+    A setting's key names a `TrainingArguments` field (`learning_rate`, `adam_beta2`, `warmup_steps`, ...), a
+    `ModelArguments` field (`router_learning_rate_ratio`, ...) or, for hf_signopt's optimizers, an `optim_args` key
+    (`beta1`, `window_size`, `threshold`, `momentum`, ...), added to the shared `optim_args`.
+    """
+    training_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    model_fields = {field.name for field in dataclasses.fields(pretrain_moe.ModelArguments)}
+    training, model, entries = {"optim": run["optimizer"], "seed": run["seed"]}, {}, [optim_args]
+    for key, value in run["setting"].items():
+        if key in training_fields:
+            training[key] = value
+        elif key in model_fields:
+            model[key] = value
+        elif run["optimizer"] in SIGN_OPTIMIZERS:
+            entries.append(f"{key}={value}")
+        else:
+            raise ValueError(f"--grid {run['optimizer']}: {key!r} is no TrainingArguments or ModelArguments field, "
+                             f"and only hf_signopt's optimizers {list(SIGN_OPTIMIZERS)} take optim_args keys here.")
+    return {**training, "optim_args": ",".join(filter(None, entries)) or None}, model
+
+
+def run_metrics(args: TrainingArguments, result: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's row from `pretrain_moe.pretrain`'s result: losses, step time, optimizer state and MaxVio_global."""
+    train, evaluation = result["train"], result["eval"]
+    return {
+        "learning_rate": args.learning_rate,
+        "train_loss": train["train_loss"],
+        "eval_loss": evaluation["eval_loss"],
+        "step_seconds": train["train_runtime"] / args.max_steps,
+        "state_mib": train["optimizer_state_bytes"] / 2**20,
+        "state_bytes_per_param": train["optimizer_state_bytes"] / train["num_parameters"],
+        "maxvio_global": evaluation["eval_moe/maxvio_global"],
+    }
+
+
+def run_status(eval_loss: float, train_losses: Sequence[float], maxvio_global: float, collapse_maxvio: float) -> str:
+    """`"diverged"` if the eval loss or a logged training loss is not finite, or if the last logged training loss
+    is above the first (the run ended worse than it began); else `"collapsed"` if MaxVio_global exceeds
+    `collapse_maxvio`; else `"ok"`."""
+    if not all(map(math.isfinite, [eval_loss, *train_losses])) or train_losses and train_losses[-1] > train_losses[0]:
+        return "diverged"
+    return "collapsed" if maxvio_global > collapse_maxvio else "ok"
+
+
+def summarize_settings(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per optimizer and setting, in the runs' order: the metrics' means over its seeds, the eval loss's
+    spread (max - min; NaN if one is not finite) and its marked runs (`"ok"` if none)."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["optimizer"], setting_label(run["setting"])), []).append(run)
+    rows = []
+    for (optim, label), group in groups.items():
+        losses = [run["eval_loss"] for run in group]
+        marked = [f"{run['status']} (seed {run['seed']})" for run in group if run["status"] != "ok"]
+        rows.append({
+            "optimizer": optim, "label": label, "setting": group[0]["setting"], "seeds": len(group),
+            **{key: statistics.fmean(run[key] for run in group) for key in AVERAGED},
+            "eval_loss_spread": max(losses) - min(losses) if all(map(math.isfinite, losses)) else math.nan,
+            "status": ", ".join(marked) or "ok",
+        })
+    return rows
+
+
+def best_settings(settings: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Each optimizer's setting with the lowest mean eval loss among those with no marked run; an optimizer whose
+    every setting has one keeps its lowest, marked as it is."""
+    best: dict[str, Mapping[str, Any]] = {}
+
+    def rank(row: Mapping[str, Any]) -> tuple[bool, float]:
+        return row["status"] != "ok", row["eval_loss"] if math.isfinite(row["eval_loss"]) else math.inf
+
+    for row in settings:
+        if row["optimizer"] not in best or rank(row) < rank(best[row["optimizer"]]):
+            best[row["optimizer"]] = row
+    return list(best.values())
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[str, Any]:
+    """Parses the arguments, then compares (one run per optimizer) or sweeps; returns `compare`'s or `sweep`'s."""
     comparison, model_args, data_args, training_args, run_args = parse_arguments(
         (ComparisonArguments, *pretrain_moe.ARGUMENTS), DEFAULTS, argv
     )
     setup_logging(training_args)
-    rates = comparison.learning_rates or [training_args.learning_rate] * len(comparison.optimizers)
-    runs = comparison_runs(training_args, run_args, {
-        optim: {"optim": optim, "learning_rate": rate} for optim, rate in zip(comparison.optimizers, rates)
-    })
+    rates = dict(zip(comparison.optimizers,
+                     comparison.learning_rates or [training_args.learning_rate] * len(comparison.optimizers)))
+    if comparison.is_sweep:
+        return sweep(comparison, rates, model_args, data_args, training_args, run_args)
+    return compare(rates, model_args, data_args, training_args, run_args)
 
+
+def compare(rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments, data_args: DataArguments,
+            training_args: TrainingArguments, run_args: RunArguments) -> list[dict[str, Any]]:
+    """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
+    runs = comparison_runs(training_args, run_args,
+                           {optim: {"optim": optim, "learning_rate": rate} for optim, rate in rates.items()})
     with removed_on_failure(training_args.output_dir):
         rows, curves = [], {}
         for optim, args in runs.items():
             with removed_on_failure(args.output_dir):
                 result = pretrain_moe.pretrain(model_args, data_args, args, run_args)
-            train, evaluation = result["train"], result["eval"]
-            rows.append({
-                "optimizer": optim,
-                "learning_rate": args.learning_rate,
-                "train_loss": train["train_loss"],
-                "eval_loss": evaluation["eval_loss"],
-                "step_seconds": train["train_runtime"] / args.max_steps,
-                "state_mib": train["optimizer_state_bytes"] / 2**20,
-                "state_bytes_per_param": train["optimizer_state_bytes"] / train["num_parameters"],
-                "maxvio_global": evaluation["eval_moe/maxvio_global"],
-            })
+            rows.append({"optimizer": optim, **run_metrics(args, result)})
             curves[optim] = series(result["log_history"], "loss")
         for row in rows:
             row["step_time_vs_first"] = row["step_seconds"] / rows[0]["step_seconds"]
@@ -114,6 +338,66 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             plot_curves(curves, output_dir / "loss_curves.png", title="Training loss by optimizer", ylabel="loss")
         print(f"\nSame model, data, seed and {training_args.max_steps} steps; results in {output_dir}:\n\n{table}\n")
     return rows
+
+
+def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments,
+          data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> dict[str, Any]:
+    """Trains every run of the sweep, writes `sweep.md`, `sweep.json` and `eval_loss_vs_lr.png`.
+
+    Returns:
+        What `sweep.json` holds: the `runs` (one row each), the `settings` (averaged over the seeds), the `best`
+        setting of each optimizer and the `marks`' criteria.
+    """
+    grids = {optim: comparison.grids.get(optim, DEFAULT_GRID.get(optim, {}) if comparison.sweep else {})
+             for optim in comparison.optimizers}
+    base = {optim: {"learning_rate": rate, "weight_decay": training_args.weight_decay} for optim, rate in rates.items()}
+    seeds = comparison.seeds or [training_args.seed]
+    plan = sweep_plan(grids, base, seeds)
+    changes = {run["run"]: run_arguments(run, training_args.optim_args) for run in plan}
+    runs = comparison_runs(training_args, run_args, {name: training for name, (training, _) in changes.items()})
+    for args in runs.values():  # a bad optim_args key or value fails now, not after hours of training
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    logger.info("Sweep: %d runs of %d steps (%d settings x %d seed(s)) into %s", len(plan), training_args.max_steps,
+                len(plan) // len(seeds), len(seeds), training_args.output_dir)
+
+    rows, started = [], time.monotonic()
+    with removed_on_failure(training_args.output_dir):
+        for index, run in enumerate(plan, 1):
+            args = runs[run["run"]]
+            with removed_on_failure(args.output_dir):
+                result = pretrain_moe.pretrain(dataclasses.replace(model_args, **changes[run["run"]][1]), data_args,
+                                               args, run_args)
+            row = {**run, **run_metrics(args, result)}
+            row["status"] = run_status(row["eval_loss"], series(result["log_history"], "loss")[1],
+                                       row["maxvio_global"], comparison.collapse_maxvio)
+            rows.append(row)
+            elapsed = time.monotonic() - started
+            logger.info("Sweep run %d/%d %s: eval loss %.4f, %s; about %.0f min left", index, len(plan), run["run"],
+                        row["eval_loss"], row["status"], elapsed / index * (len(plan) - index) / 60)
+
+    settings = summarize_settings(rows)
+    best = best_settings(settings)
+    marks = (f"Marked runs: *diverged* = a non-finite eval or training loss, or a last logged training loss above "
+             f"the first; *collapsed* = MaxVio_global above {comparison.collapse_maxvio:g}.")
+    report = {"runs": rows, "settings": settings, "best": best, "marks": marks}
+    output_dir = Path(training_args.output_dir)
+    if training_args.process_index == 0:
+        text = (f"Sweep of {len(plan)} runs of {training_args.max_steps} steps, seeds {seeds}. Best setting per "
+                f"optimizer (lowest mean eval loss among settings with no marked run):\n\n"
+                f"{markdown_table(best, SWEEP_COLUMNS)}\n\n"
+                f"Every setting:\n\n{markdown_table(settings, SWEEP_COLUMNS)}\n\n{marks}\n")
+        (output_dir / "sweep.md").write_text(text, encoding="utf-8")
+        (output_dir / "sweep.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if run_args.make_plots:
+            panels: dict[str, dict[str, list]] = {}
+            for row in settings:
+                others = setting_label({k: v for k, v in row["setting"].items() if k != "learning_rate"})
+                panels.setdefault(row["optimizer"], {}).setdefault(others or row["optimizer"], []).append(
+                    (row["setting"]["learning_rate"], row["eval_loss"], row["status"] != "ok"))
+            plot_sweep(panels, output_dir / "eval_loss_vs_lr.png", ylabel="eval loss (seed mean)",
+                       xlabel="learning rate", title=f"Eval loss after {training_args.max_steps} steps (x: marked run)")
+        print(f"\n{text}\nResults in {output_dir}\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -348,6 +348,39 @@ def plot_curves(curves: Mapping[str, tuple[list, list]], path: Path, title: str,
     figure.savefig(path)
 
 
+def plot_sweep(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, bool]]]], path: Path, title: str,
+               xlabel: str, ylabel: str) -> None:
+    """One panel per key of `panels` (log x, shared y), one line per series of `(x, y, marked)` points.
+
+    The line joins a series' unmarked points; a marked point (a run that went wrong) is a red cross. The y range is
+    that of the unmarked finite points (of all finite points if none is unmarked); a value off that range or not
+    finite is drawn at its edge.
+    """
+    values = [(y, marked) for series in panels.values() for points in series.values() for _, y, marked in points]
+    healthy = [y for y, marked in values if math.isfinite(y) and not marked]
+    finite = healthy or [y for y, _ in values if math.isfinite(y)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    margin = 0.05 * (high - low) or 0.1
+    low, high = low - margin, high + margin
+
+    def shown(y: float) -> float:
+        return min(max(y, low), high) if math.isfinite(y) else high
+
+    figure = _figure(1.0 + 3.4 * len(panels), 3.8)
+    for axes, (panel, series) in zip(figure.subplots(1, len(panels), squeeze=False, sharey=True)[0], panels.items()):
+        for label, points in series.items():
+            kept = sorted((x, shown(y)) for x, y, marked in points if not marked)
+            axes.plot([x for x, _ in kept], [y for _, y in kept], marker="o", markersize=4, label=label)
+            if crosses := [(x, shown(y)) for x, y, marked in points if marked]:
+                axes.scatter(*zip(*crosses), marker="x", s=60, color="red", zorder=3, clip_on=False)
+        axes.set(title=panel, xscale="log", xlabel=xlabel, ylim=(low, high))
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.axes[0].set_ylabel(ylabel)
+    figure.suptitle(title)
+    figure.savefig(path)
+
+
 def plot_expert_load(loads: Mapping[str, Sequence[Sequence[int]]], path: Path, title: str) -> None:
     """One heat map per run: rows are layers, columns experts, colour the load over the layer's mean load."""
     from matplotlib.colors import TwoSlopeNorm
