@@ -52,19 +52,20 @@ def _comm_rank(rank: int, world: int, numel: int, repeats: int, port: int, resul
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     grad = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
 
+    # In place on the gradient, as DDP's all-reduce and the hook work on the bucket (values drift over the
+    # repeats; the work does not depend on them).
     def all_reduce():
-        reduced = grad.clone()
-        dist.all_reduce(reduced)
-        reduced /= world
+        dist.all_reduce(grad)
+        grad.div_(world)
 
     def vote():
         packed = pack_votes(grad, rank)
         gathered = torch.empty(world * packed.numel(), dtype=torch.uint8)
         dist.all_gather_single(gathered, packed)
-        count_votes(gathered.view(world, -1), numel, grad.dtype)
+        count_votes(gathered.view(world, -1), numel, grad.dtype, out=grad)
 
     def vote_compute():  # the vote's own work, no communication
-        count_votes(pack_votes(grad, rank).expand(world, -1), numel, grad.dtype)
+        count_votes(pack_votes(grad, rank).expand(world, -1), numel, grad.dtype, out=grad)
 
     times = {}
     for name, fn in (("fp32 all-reduce", all_reduce), ("majority vote", vote), ("compute", vote_compute)):

@@ -46,6 +46,18 @@ def test_packed_votes_count_to_the_documented_majority(world, n):
         assert torch.all(result[: n // 4] == 0)
 
 
+@pytest.mark.parametrize("world", [3, 300])  # 16-bit floats hold the counts only up to 256
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_votes_written_into_a_given_tensor_in_any_dtype(world, dtype):
+    values = torch.randn(world, 99, generator=torch.Generator().manual_seed(world))
+    packed = torch.stack([pack_votes(values[r], r) for r in range(world)])
+    expected = reference_vote(values)
+    out = torch.empty(99, dtype=dtype)
+    result = count_votes(packed, 99, dtype, out=out)
+    assert result.data_ptr() == out.data_ptr() and torch.equal(out, expected.to(dtype))
+    assert torch.equal(count_votes(packed, 99, dtype), expected.to(dtype))
+
+
 def test_torch_bit_packing_for_accelerators_equals_numpys():
     from hf_signopt.distributed.majority_vote import _count_bits, _pack_bits
 

@@ -89,16 +89,18 @@ def _count_bits(packed: torch.Tensor) -> torch.Tensor:
     return ((packed[..., None] >> shifts) & 1).sum(dim=0, dtype=torch.int32).view(-1)
 
 
-def count_votes(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def count_votes(packed: torch.Tensor, numel: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The elementwise majority of the ranks' packed votes.
 
     Args:
         packed: uint8 tensor `(world_size, ceil(numel / 8))`, row r from `pack_votes(..., rank=r)`.
         numel: Number of elements voted on.
         dtype: dtype of the result.
+        out: A contiguous tensor of `numel` elements and dtype `dtype` to write the result into (e.g. the gradient
+            bucket the votes replace, which saves allocating, and on CPU first touching, a new one).
 
     Returns:
-        `(numel,)` tensor of -1, 0 (a tie) or +1.
+        `(numel,)` tensor of -1, 0 (a tie) or +1: `out`'s storage when given.
     """
     world = packed.shape[0]
     if packed.device.type == "cpu":
@@ -106,9 +108,15 @@ def count_votes(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.T
         positive = torch.from_numpy(bits.sum(axis=0, dtype=np.uint8 if world < 256 else np.int32))
     else:
         positive = _count_bits(packed)
-    # sign(positive - world / 2), exact in float32 (16-bit floats do not hold every count above 256).
-    work = positive[:numel].to(torch.float32 if dtype.itemsize < 4 else dtype)
-    return work.sub_(world / 2).sign_().to(dtype)
+    # sign(positive - world / 2), exact in the result dtype up to 256 ranks (16-bit floats hold the integers to 256)
+    # and in float32 beyond.
+    exact = torch.float32 if world > 256 and dtype.itemsize < 4 else dtype
+    positive = positive[:numel]
+    votes = out.view(-1).copy_(positive) if out is not None and exact == dtype else positive.to(exact)
+    votes.sub_(world / 2).sign_()
+    if exact != dtype:
+        votes = votes.to(dtype) if out is None else out.view(-1).copy_(votes)
+    return votes
 
 
 def _all_gather_votes(values: torch.Tensor, group: dist.ProcessGroup | None, rank: int, world: int,
@@ -191,7 +199,7 @@ def majority_vote_hook(state: dist.ProcessGroup | None, bucket: dist.GradBucket)
 
     def count(future: torch.futures.Future) -> torch.Tensor:
         future.wait()
-        return count_votes(gathered, buffer.numel(), buffer.dtype)
+        return count_votes(gathered, buffer.numel(), buffer.dtype, out=buffer)  # in place, as DDP's all-reduce
 
     return work.get_future().then(count)
 
