@@ -30,7 +30,9 @@ from .moe import (
     register_trainer_balance_callback,
     router_param_groups,
 )
-from . import distributed
+from . import assignment, distributed
+from .assignment import BalancedVectorQuantizer, VectorQuantizerOutput, balanced_assignment
+from .distributed import enable_majority_vote, majority_vote_hook
 from .optim import Lion, SignMomentum, Signum, Simba
 
 # `TrainingArguments(optim="lion" | "signum" | "signsgd" | "signmomentum" | "simba")`.
@@ -46,6 +48,7 @@ register_trainer_majority_vote()
 
 __all__ = [
     "__version__",
+    "BalancedVectorQuantizer",
     "Lion",
     "LoadBalanceMetrics",
     "LossFreeBalanceCallback",
@@ -63,11 +66,16 @@ __all__ = [
     "Signum",
     "Simba",
     "TrainerBalanceCallback",
+    "VectorQuantizerOutput",
     "add_router_bias",
+    "assignment",
     "attached_balancer",
-    "distributed",
+    "balanced_assignment",
     "disable_balancing",
+    "distributed",
     "enable_balancing",
+    "enable_majority_vote",
+    "majority_vote_hook",
     "register_lossfree_moe",
     "register_trainer_majority_vote",
     "register_sign_optimizers",
