@@ -25,6 +25,9 @@ costs about 0.34-0.40 s per step (0.34 quiet, README; 0.40 measured while shared
 tokenizer, evaluation and saving, so 200 steps are about 75-85 s. The default sweep, `--sweep` (6 optimizers x 8
 settings, one seed, 200 steps), is 48 runs: 1 h to 1 h 10 min. Each further seed adds as much; at 500 steps it is
 2 h 20 min to 2 h 45 min per seed, at 2000 steps 9 to 11 h per seed. The log gives the time left after every run.
+A stopped sweep continues with the same flags plus `--resume_from_checkpoint last --overwrite_output_dir`: a
+finished run (its `sweep_run.json` holds its row) is not trained again, an unfinished one is trained afresh (or from
+its last checkpoint, with `--save_strategy steps`).
 
 Usage:
     python recipes/compare_optimizers.py
@@ -340,6 +343,10 @@ def compare(rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments,
     return rows
 
 
+FINISHED_RUN = "sweep_run.json"
+"""Written into a sweep run's directory when it has finished: its row, so that a resumed sweep skips it."""
+
+
 def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments,
           data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> dict[str, Any]:
     """Trains every run of the sweep, writes `sweep.md`, `sweep.json` and `eval_loss_vs_lr.png`.
@@ -364,6 +371,11 @@ def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_arg
     with removed_on_failure(training_args.output_dir):
         for index, run in enumerate(plan, 1):
             args = runs[run["run"]]
+            finished = Path(args.output_dir) / FINISHED_RUN
+            if training_args.resume_from_checkpoint == "last" and finished.is_file():
+                rows.append(json.loads(finished.read_text(encoding="utf-8")))  # done before the sweep was stopped
+                logger.info("Sweep run %d/%d %s: finished before, not trained again", index, len(plan), run["run"])
+                continue
             with removed_on_failure(args.output_dir):
                 result = pretrain_moe.pretrain(dataclasses.replace(model_args, **changes[run["run"]][1]), data_args,
                                                args, run_args)
@@ -371,6 +383,8 @@ def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_arg
             row["status"] = run_status(row["eval_loss"], series(result["log_history"], "loss")[1],
                                        row["maxvio_global"], comparison.collapse_maxvio)
             rows.append(row)
+            if training_args.process_index == 0:
+                finished.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
             elapsed = time.monotonic() - started
             logger.info("Sweep run %d/%d %s: eval loss %.4f, %s; about %.0f min left", index, len(plan), run["run"],
                         row["eval_loss"], row["status"], elapsed / index * (len(plan) - index) / 60)

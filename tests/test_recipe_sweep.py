@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import datasets
@@ -198,7 +199,7 @@ def read_json(path: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_a_tiny_sweep_reports_every_run_and_marks_the_diverged_one(corpus, tmp_path):
+def test_a_tiny_sweep_reports_every_run_and_marks_the_diverged_one(corpus, tmp_path, monkeypatch):
     target = tmp_path / "sweep"
     report = compare_optimizers.main([
         *corpus, *TINY, "--max_steps", "3", "--optimizers", "lion", "signsgd", "--learning_rates", "1e-3", "1e-2",
@@ -225,6 +226,28 @@ def test_a_tiny_sweep_reports_every_run_and_marks_the_diverged_one(corpus, tmp_p
              for r in runs}
     assert first[("lion", 1)] == pytest.approx(first[("signsgd", 1)])
     assert first[("lion", 2)] == pytest.approx(first[("signsgd", 2)]) and first[("lion", 1)] != first[("lion", 2)]
+
+    # Stopped after its fourth run (the last two never finished), the sweep continues: the finished runs are read
+    # back, not trained again (a stand-in for `pretrain` records what trains), and the report is the same.
+    for row in runs[4:]:
+        shutil.rmtree(target / row["run"])
+    (target / runs[3]["run"] / compare_optimizers.FINISHED_RUN).unlink()  # killed after training, before its row
+    trained = []
+    pretrain = compare_optimizers.pretrain_moe.pretrain
+
+    def recording(model_args, data_args, args, run_args):
+        trained.append(Path(args.output_dir).relative_to(target).as_posix())
+        return pretrain(model_args, data_args, args, run_args)
+
+    monkeypatch.setattr(compare_optimizers.pretrain_moe, "pretrain", recording)
+    resumed = compare_optimizers.main([
+        *corpus, *TINY, "--max_steps", "3", "--optimizers", "lion", "signsgd", "--learning_rates", "1e-3", "1e-2",
+        "--grid", "lion:learning_rate=1e-2,100;beta1=0.95", "--seeds", "1", "2", "--output_dir", str(target),
+        "--resume_from_checkpoint", "last", "--overwrite_output_dir"])
+    assert trained == [row["run"] for row in runs[3:]]
+    assert json.dumps(resumed["runs"][:3]) == json.dumps(runs[:3])  # read back as written (NaN losses included)
+    assert [r["status"] for r in resumed["runs"]] == [r["status"] for r in runs]
+    assert [b["label"] for b in resumed["best"]] == [b["label"] for b in report["best"]]
 
     healthy, diverged, signsgd = report["settings"]
     assert healthy["eval_loss"] == pytest.approx((runs[0]["eval_loss"] + runs[1]["eval_loss"]) / 2)
