@@ -67,6 +67,14 @@ def test_torch_bit_packing_for_accelerators_equals_numpys():
     assert torch.equal(_count_bits(packed), bits.sum(dim=0, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_votes_depend_only_on_the_signs_whatever_the_dtype(dtype):
+    values = torch.randn(3, 101, generator=torch.Generator().manual_seed(7))
+    values[:, ::5] = 0.0
+    for rank in range(3):
+        assert torch.equal(pack_votes(values[rank].to(dtype), rank), pack_votes(values[rank], rank))
+
+
 def test_zeros_split_by_parity_and_ties_give_zero():
     # Two ranks, one voting +, one -: a tie. A lone zero next to a sign: the zero's vote depends on rank + index.
     values = torch.tensor([[1.0, 0.0, 0.0, -2.0], [-1.0, 3.0, -3.0, 0.0]])
