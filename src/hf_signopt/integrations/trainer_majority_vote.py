@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..distributed.majority_vote import enable_majority_vote, votes_in_step
-
-_WRAPPED_MARKER = "_hf_signopt_original"
+from ._wrapping import unwrapped, wrapping
 
 
 def register_trainer_majority_vote() -> None:
@@ -24,8 +23,9 @@ def register_trainer_majority_vote() -> None:
     current = Trainer.__dict__.get("_prepare_for_training")
     if current is None:
         raise ImportError("hf_signopt's majority vote needs transformers' Trainer._prepare_for_training (5.x)")
-    original = getattr(current, _WRAPPED_MARKER, current)
+    original = unwrapped(current)
 
+    @wrapping(original)
     def _prepare_for_training(self: Any, *args: Any, **kwargs: Any) -> Any:
         model, train_dataloader = original(self, *args, **kwargs)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -33,7 +33,4 @@ def register_trainer_majority_vote() -> None:
             enable_majority_vote(model, optimizer)
         return model, train_dataloader
 
-    _prepare_for_training.__doc__ = original.__doc__
-    _prepare_for_training.__wrapped__ = original
-    setattr(_prepare_for_training, _WRAPPED_MARKER, original)
     Trainer._prepare_for_training = _prepare_for_training

@@ -31,6 +31,7 @@ from packaging.version import Version
 from transformers.utils import logging
 
 from ..moe.router_lr import router_param_groups, validate_router_lr_ratio
+from ._wrapping import unwrapped, wrapping
 from .optim_args import parse_optim_args, split_optim_args
 
 
@@ -45,7 +46,6 @@ logger = logging.get_logger(__name__)
 
 SUPPORTED_TRANSFORMERS = ">=5.2,<6"
 _TESTED_MIN, _TESTED_BELOW = Version("5.2"), Version("6")
-_WRAPPED_MARKER = "_hf_signopt_original"
 _MEMBER_PREFIX = "HF_SIGNOPT_"
 _REGISTRY: dict[str, TrainerOptimizer] = {}
 
@@ -239,15 +239,12 @@ def with_router_learning_rate(optimizer_cls: type[torch.optim.Optimizer]) -> typ
 def _wrap_get_optimizer_cls_and_kwargs(trainer_cls: type) -> None:
     """Makes `trainer_cls.get_optimizer_cls_and_kwargs` reject malformed `optim_args` of our names clearly and
     take `router_lr_ratio` for any name."""
-    current = trainer_cls.__dict__["get_optimizer_cls_and_kwargs"].__func__
-    original = getattr(current, _WRAPPED_MARKER, current)
+    original = unwrapped(trainer_cls.__dict__["get_optimizer_cls_and_kwargs"].__func__)
 
+    @wrapping(original)
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
         return _with_router_lr_ratio(original, args, model)
 
-    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
-    get_optimizer_cls_and_kwargs.__wrapped__ = original
-    setattr(get_optimizer_cls_and_kwargs, _WRAPPED_MARKER, original)
     trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
 
 
