@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hf_signopt import LoadBalanceMetrics, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
-from hf_signopt.moe.balancer import max_violation
+from hf_signopt.moe.balancer import attached_balancer, max_violation
 
 U = 0.001
 
@@ -257,9 +257,57 @@ def test_router_with_wrong_output_is_reported():
             return x @ torch.ones(x.shape[-1], 4)
 
     model = nn.Sequential(LogitsOnlyRouter())
-    LossFreeBalancer(model)
+    LossFreeBalancer(model)  # no weight to size probe tokens by: the first training forward checks the output
     with pytest.raises(TypeError, match=r"router 0 \(LogitsOnlyRouter\) must return"):
         model(torch.ones(3, 2))
+
+
+class LinearRouter(nn.Module):
+    """A router with a `(num_experts, hidden)` weight whose output is chosen by `kind`."""
+
+    def __init__(self, kind: str, num_experts: int = 4, hidden: int = 3):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.randn(num_experts, hidden))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+
+    def forward(self, x):
+        logits = x @ self.weight.T
+        index = torch.topk(logits + self.e_score_correction_bias, 2, dim=-1).indices
+        if self.kind == "logits":
+            return logits
+        if self.kind == "float index":
+            return logits, logits, index.float()
+        if self.kind == "too many experts":
+            return logits, logits, index + self.weight.shape[0]
+        return logits, logits.gather(-1, index), index
+
+
+@pytest.mark.parametrize(
+    "kind, error, message",
+    [
+        ("logits", TypeError, r"router 0 \(LinearRouter\) must return \(router_logits, top_k_weights, top_k_index\)"),
+        ("float index", TypeError, r"router 0 returned top_k_index of dtype torch.float32"),
+        ("too many experts", ValueError, r"router 0 \(LinearRouter\) chose experts \[.*\] but its "
+         r"e_score_correction_bias has 4 entries"),
+    ],
+)
+def test_router_contract_is_checked_when_the_balancer_is_built(kind, error, message):
+    model = nn.Sequential(LinearRouter(kind))
+    with pytest.raises(error, match=message):
+        LossFreeBalancer(model)
+    assert attached_balancer(model) is None and not model._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_router_probe_keeps_random_state_and_training_flags():
+    model = nn.Sequential(LinearRouter("ok")).train()
+    state = torch.get_rng_state()
+    balancer = LossFreeBalancer(model)
+    assert torch.equal(torch.get_rng_state(), state) and all(m.training for m in model.modules())
+    assert not balancer._counted and balancer.tokens_per_expert.sum() == 0  # the probe counts nothing
+    with torch.device("meta"):  # weights not materialized (from_pretrained's meta device): checked when it runs
+        meta = nn.Sequential(LinearRouter("logits"))
+    LossFreeBalancer(meta)
 
 
 def test_biases_replaced_by_moving_the_model_are_the_ones_updated():

@@ -117,6 +117,84 @@ def _choosing_module(name: str, holder: nn.Module, modules: dict[str, nn.Module]
     return name, holder
 
 
+PROBE_TOKENS = 4  # random tokens a router is run on to check it before training
+
+
+def probe_weight(router: nn.Module) -> torch.Tensor | None:
+    """The first 2-D parameter of `router`, `(num_experts, hidden_size)`, or None if it holds none."""
+    return next((p for p in router.parameters() if p.dim() == 2), None)
+
+
+def run_on_probe_tokens(router: nn.Module, *args: Any) -> Any:
+    """Call `router(tokens, *args)` once, in eval mode and without grad, on `PROBE_TOKENS` random tokens sized
+    by `probe_weight`, and return its output; the training flags of its modules are restored afterwards.
+
+    Raises:
+        ValueError: If the router holds no 2-D parameter.
+        Exception: Whatever the router's forward raises.
+    """
+    weight = probe_weight(router)
+    if weight is None:
+        raise ValueError(f"{type(router).__name__} holds no (num_experts, hidden_size) weight")
+    # A private generator, so that the probe does not move the global random state.
+    tokens = torch.randn(PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    modes = [(module, module.training) for module in router.modules()]
+    router.eval()
+    try:
+        with torch.no_grad():
+            return router(tokens.to(device=weight.device, dtype=weight.dtype), *args)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _top_k_index(name: str, router: nn.Module, output: Any) -> torch.Tensor:
+    """The `top_k_index` of a router's output `(router_logits, top_k_weights, top_k_index)`.
+
+    Raises:
+        TypeError: Naming the router and its class, if the output is not of that form with integer indices.
+    """
+    if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
+        raise TypeError(
+            f"router {name} ({type(router).__name__}) must return (router_logits, top_k_weights, top_k_index) for "
+            f"LossFreeBalancer to count its tokens, got {type(output).__name__}"
+        )
+    index = output[2]
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"router {name} returned top_k_index of dtype {index.dtype}, expected an integer dtype")
+    return index
+
+
+def _check_router(name: str, router: nn.Module, holder: nn.Module, num_experts: int) -> None:
+    """Run the module the balancer hooks (`router`, choosing with the bias of `holder`) once on random tokens and
+    check that it returns the top-k choice the balancer counts, with expert numbers below `num_experts`.
+
+    Skipped where its weights are not plain materialized tensors (the meta device of `from_pretrained`, FSDP2's
+    DTensor shards, DeepSpeed ZeRO-3's empty partitions) or where its forward needs more than hidden states: there
+    the first training forward checks the output instead.
+
+    Raises:
+        TypeError: If the router returns something else (see `_top_k_index`).
+        ValueError: If it returns expert numbers outside `[0, num_experts)`.
+    """
+    weight = probe_weight(router)
+    if weight is None or weight.is_meta or weight.numel() == 0 or type(weight.data) is not torch.Tensor:
+        return
+    # A block that holds the bias passes it to its gate (MiniMax-M2, HY-V3): so does the probe.
+    args = (getattr(holder, BIAS_NAME),) if router is not holder and router is getattr(holder, "gate", None) else ()
+    try:
+        output = run_on_probe_tokens(router, *args)
+    except Exception as error:  # a forward that needs more inputs: the first training forward checks it
+        logger.debug(f"router {name} could not be probed ({type(error).__name__}: {error}); checked when it runs")
+        return
+    index = _top_k_index(name, router, output)
+    if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < num_experts:
+        raise ValueError(
+            f"router {name} ({type(router).__name__}) chose experts {index.unique().tolist()} but its "
+            f"{BIAS_NAME} has {num_experts} entries"
+        )
+
+
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of the modules of `model` that choose experts with an `e_score_correction_bias`."""
     modules = dict(model.named_modules())
@@ -199,6 +277,10 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         ValueError: If `model` has no router with an `e_score_correction_bias`, a rate or rule is invalid,
             an explicit argument contradicts the model config, or a router already has a balancer (one
             that follows the optimizer, which models get automatically, is replaced instead, with a log).
+            Also if a router, run once on a few random tokens, chooses experts its bias has no entry for.
+        TypeError: If that run does not return `(router_logits, top_k_weights, top_k_index)` with integer
+            indices. Routers whose weights are not materialized yet (meta device, FSDP2 or ZeRO-3 shards) are
+            checked at their first training forward instead.
 
     Example:
         ```python
@@ -271,6 +353,10 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         device = biases[0].device
         self._experts_per_layer = [b.numel() for b in biases]
         self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
+        modules = dict(model.named_modules())
+        self._hooked = [_choosing_module(name, holder, modules) for name, holder in routers]
+        for (counter_name, counter), (_, holder), experts in zip(self._hooked, routers, self._experts_per_layer):
+            _check_router(counter_name, counter, holder, experts)
         shape = (len(routers), max(b.numel() for b in biases))
         self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
@@ -282,8 +368,6 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             model.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
             model.register_forward_hook(self._end_forward, always_call=True),
         ]
-        modules = dict(model.named_modules())
-        self._hooked = [_choosing_module(name, holder, modules) for name, holder in routers]
         self._handles += [
             counter.register_forward_hook(_RouterCounter(self, layer, counter_name))
             for layer, (counter_name, counter) in enumerate(self._hooked)
@@ -334,14 +418,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             return
         if module is not self._hooked[layer][1]:
             self._moved = True
-        if not (isinstance(output, (tuple, list)) and len(output) >= 3 and isinstance(output[2], torch.Tensor)):
-            raise TypeError(
-                f"router {name} ({type(module).__name__}) must return (router_logits, top_k_weights, "
-                f"top_k_index) for LossFreeBalancer to count its tokens, got {type(output).__name__}"
-            )
-        index = output[2]
-        if index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"router {name} returned top_k_index of dtype {index.dtype}, expected an integer dtype")
+        index = _top_k_index(name, module, output)
         if counts.device != index.device:
             self._move_counts(index.device)
             counts = self._active_counts
@@ -355,7 +432,6 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         # Copying a router (PEFT's modules_to_save, a reference model made with deepcopy) copies its hooks; the
         # copy's hook counts for this same balancer rather than for a copy of it and of the whole model.
         return self
-
 
     def _token_weights(self, index: torch.Tensor, name: str) -> torch.Tensor:
         mask = self._token_mask

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
 
-from .balancer import BIAS_NAME, Float32RouterBias, find_routers
+from .balancer import BIAS_NAME, Float32RouterBias, find_routers, probe_weight, run_on_probe_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +51,6 @@ logger = logging.get_logger(__name__)
 ROUTER_ATTRIBUTES = ("gate", "router")
 # `model.config` flag saved in config.json: the checkpoint's routers carry a bias that `add_router_bias` restores.
 CONFIG_FLAG = "add_router_bias"
-PROBE_TOKENS = 4
 SUPPORTED_ROUTERS = (
     "A supported router is the `gate` or `router` module of an MoE block (next to its `experts`) whose "
     "`forward(hidden_states)` returns `(router_logits, top_k_weights, top_k_index)` and chooses the experts with a "
@@ -189,20 +188,6 @@ def moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(routers.values())
 
 
-def _probe_input(router: nn.Module) -> torch.Tensor:
-    """A few random tokens for `router`, sized by its first 2-D parameter `(num_experts, hidden_size)`.
-
-    Raises:
-        ValueError: If the router holds no 2-D parameter.
-    """
-    weight = next((p for p in router.parameters() if p.dim() == 2), None)
-    if weight is None:
-        raise ValueError("it holds no (num_experts, hidden_size) weight")
-    # A private generator, so that converting a model does not move the global random state.
-    tokens = torch.randn(PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(0))
-    return tokens.to(device=weight.device, dtype=weight.dtype)
-
-
 def _probe(router: nn.Module) -> int:
     """Run `router` once, in eval mode and without grad, on a few random tokens; return its number of experts.
 
@@ -210,17 +195,13 @@ def _probe(router: nn.Module) -> int:
         ValueError: If the router does not choose its experts with one `torch.topk` whose indices it returns (the
             message says why).
     """
-    modes = [(module, module.training) for module in router.modules()]
-    router.eval()
+    if probe_weight(router) is None:
+        raise ValueError("it holds no (num_experts, hidden_size) weight")
     try:
-        probe = _probe_input(router)
-        with torch.no_grad(), _ExpertTopK() as recorder:
-            output = router(probe)
+        with _ExpertTopK() as recorder:
+            output = run_on_probe_tokens(router)
     except Exception as error:  # any failure of the family's forward on hidden states alone: not supported
         raise ValueError(f"its forward(hidden_states) failed ({type(error).__name__}: {error})") from error
-    finally:
-        for module, training in modes:
-            module.training = training
     problem = _selection_problem(recorder.calls, output)
     if problem is not None:
         raise ValueError(problem)
