@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_signopt.assignment import balanced_assignment
-from hf_signopt.bias_balancing import bias_update
+from hf_signopt.bias_balancing import bias_update, max_violation
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -136,3 +136,21 @@ def test_core_update_for_minimized_costs_and_wanted_loads():
     assert bias_update(counts, experts, "sign", 0.5, wanted=wanted, minimize=True).tolist() == [[0.0, 0.5, -0.5, 0.0]]
     linear = bias_update(counts, experts, "linear", 1.0, wanted=wanted)
     torch.testing.assert_close(linear, torch.tensor([[0.0, -1.0, 1.0, 0.0]]))  # (wanted - load) / wanted
+
+
+@pytest.mark.parametrize("rule", ["sign", "rms", "linear"])
+def test_core_update_is_the_same_for_an_int_width(rule):
+    counts = torch.randint(0, 9, (5, 6), generator=torch.Generator().manual_seed(0))
+    counts[3] = 0  # a row without objects does not move
+    same = bias_update(counts, torch.full((5,), 6), rule, 0.25)
+    assert torch.equal(bias_update(counts, 6, rule, 0.25), same) and same.dtype == torch.float32
+    assert not same[3].any()
+    if rule == "sign":  # the rule written out: u * sign(mean load - load)
+        mean = counts.double().mean(dim=1, keepdim=True)
+        assert torch.equal(same, (0.25 * torch.sign(mean - counts.double())).float())
+    maxvio = max_violation(counts, 6)
+    torch.testing.assert_close(maxvio, max_violation(counts, torch.full((5,), 6)), rtol=0, atol=0, equal_nan=True)
+    mean = counts.double().mean(dim=1)
+    expected = ((counts.double().amax(dim=1) - mean) / mean).float()  # (max - mean) / mean, NaN without objects
+    torch.testing.assert_close(maxvio, expected, equal_nan=True)
+    assert maxvio[3].isnan()

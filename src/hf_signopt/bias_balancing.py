@@ -65,7 +65,7 @@ def validate_update_rule(rule: Any, source: str = "update_rule") -> str:
 
 def bias_update(
     counts: torch.Tensor,
-    num_targets: torch.Tensor,
+    num_targets: torch.Tensor | int,
     rule: str,
     rate: float,
     *,
@@ -88,7 +88,8 @@ def bias_update(
 
     Args:
         counts: Integer objects per target, shape `(num_rows, max_targets)`.
-        num_targets: Targets per row, integer tensor of shape `(num_rows,)`.
+        num_targets: Targets per row, integer tensor of shape `(num_rows,)`, or an int when every row has that
+            many (no padding; the MoE balancer's common case, a few tensor operations fewer).
         rule: One of `UPDATE_RULES`.
         rate: Step size `u`.
         wanted: Wanted integer load per target, shaped like `counts` (positive for `"linear"`); None for equal loads.
@@ -97,39 +98,45 @@ def bias_update(
     Returns:
         float32 tensor shaped like `counts`, zero in the padding.
     """
-    num_targets = num_targets.to(counts.device)
-    valid = torch.arange(counts.shape[1], device=counts.device) < num_targets[:, None]
     total = counts.sum(dim=1, keepdim=True)
-    targets = num_targets[:, None]
+    padded = isinstance(num_targets, torch.Tensor)
+    targets = num_targets.to(counts.device)[:, None] if padded else num_targets
+    signed_rate = -rate if minimize else rate
+    if rule == "sign" and wanted is None:
+        # Integer comparison, exact: E * load_i = total gives 0, and so does a row without objects (all zero).
+        increment = torch.sign(total - targets * counts).to(torch.float32).mul_(signed_rate)  # u * {-1, 0, 1}
+        if padded:  # the padding's shortfall is the total: keep it at 0
+            increment = increment.where(torch.arange(counts.shape[1], device=counts.device) < targets, 0.0)
+        return increment
+    valid = torch.arange(counts.shape[1], device=counts.device) < targets
     if rule == "sign":
-        # Integer comparisons: exact, so a load equal to the wanted one (E * load_i = total for the mean) gives 0.
-        shortfall = total - targets * counts if wanted is None else wanted - counts
-        direction = torch.sign(shortfall).to(torch.float64)
+        direction = torch.sign(wanted - counts).to(torch.float64)
     else:
+        width = targets.to(torch.float64) if padded else targets
         fractions = counts.to(torch.float64) / total.clamp_min(1)
-        wanted_fractions = 1.0 / targets if wanted is None else wanted.to(torch.float64) / total.clamp_min(1)
+        wanted_fractions = 1.0 / width if wanted is None else wanted.to(torch.float64) / total.clamp_min(1)
         deviation = torch.where(valid, wanted_fractions - fractions, 0.0)
         if rule == "rms":
-            rms = (deviation.square().sum(dim=1, keepdim=True) / targets).sqrt()
+            rms = (deviation.square().sum(dim=1, keepdim=True) / width).sqrt()
             direction = deviation / rms.clamp_min(torch.finfo(torch.float64).tiny)
         else:
-            direction = deviation * targets if wanted is None else deviation / wanted_fractions
+            direction = deviation * width if wanted is None else deviation / wanted_fractions
     direction = torch.where(valid & (total > 0), direction, 0.0)
-    increment = (rate * direction).to(torch.float32)
-    return -increment if minimize else increment
+    return (signed_rate * direction).to(torch.float32)
 
 
-def max_violation(counts: torch.Tensor, num_targets: torch.Tensor) -> torch.Tensor:
+def max_violation(counts: torch.Tensor, num_targets: torch.Tensor | int) -> torch.Tensor:
     """MaxVio per row: `(max_i load_i - mean_load) / mean_load`; NaN for a row that saw no object.
 
     Args:
         counts: Integer objects per target, shape `(num_rows, max_targets)`, zero-padded.
-        num_targets: Targets per row, shape `(num_rows,)`.
+        num_targets: Targets per row, shape `(num_rows,)`, or an int when every row has that many.
     """
-    total = counts.sum(dim=1).to(torch.float64)
-    mean = total / num_targets.to(device=counts.device, dtype=torch.float64)
-    highest = counts.max(dim=1).values.to(torch.float64)
-    return ((highest - mean) / mean).to(torch.float32)
+    if isinstance(num_targets, torch.Tensor):
+        num_targets = num_targets.to(counts.device)
+    total = counts.sum(dim=1)
+    # (max * E - total) / total, with an exact integer numerator; true division (0 / 0 = NaN).
+    return ((counts.amax(dim=1) * num_targets - total) / total).to(torch.float32)
 
 
 def all_reduce_counts(counts: torch.Tensor, process_group: dist.ProcessGroup | None = None) -> None:
