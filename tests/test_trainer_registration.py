@@ -191,3 +191,15 @@ def test_missing_internals_raise_import_error_naming_the_range(monkeypatch):
     monkeypatch.delattr(transformers.trainer_optimizer, "_OPTIMIZER_HANDLERS")
     with pytest.raises(ImportError, match=r"transformers>=5\.2,<6"):
         register_trainer_optimizer("lion", Lion)
+
+
+def test_adamw_default_learning_rate_is_reported_once(tmp_path, caplog):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("hf_signopt.integrations.trainer_optim").warning_once.cache_clear()
+    for _ in range(2):
+        Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="lion"))
+    Trainer.get_optimizer_cls_and_kwargs(_args(tmp_path, optim="lion", learning_rate=1e-4))
+    reported = [record.getMessage() for record in caplog.records if "TrainingArguments' default" in record.getMessage()]
+    assert len(reported) == 1
+    assert reported[0].startswith("optim='lion' trains at learning_rate=5e-05, TrainingArguments' default")

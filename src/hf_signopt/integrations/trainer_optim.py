@@ -183,9 +183,23 @@ def _optim_value(optim: Any) -> str:
     return str(optim.value) if isinstance(optim, Enum) else str(optim)
 
 
+def _default_learning_rate() -> float:
+    """`TrainingArguments`' default `learning_rate` (5e-5 in transformers 5.x), chosen for AdamW."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments.__dataclass_fields__["learning_rate"].default
+
+
 def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """`_OPTIMIZER_HANDLERS` entry for every registered name: builds `(optimizer_cls, kwargs)` from `ctx.args`."""
     entry = get_trainer_optimizer(_optim_value(ctx.args.optim))
+    if ctx.args.learning_rate == _default_learning_rate():
+        logger.warning_once(
+            f"optim={entry.name!r} trains at learning_rate={ctx.args.learning_rate:g}, TrainingArguments' default, "
+            "chosen for AdamW. A sign optimizer moves every weight by about the learning rate at every step: "
+            "fine-tuning usually wants 3-10x less than AdamW's rate, pre-training from scratch far more than this "
+            "default (see the README's optimizer guidance). Set learning_rate for this optimizer."
+        )
     kwargs = dict(ctx.optimizer_kwargs)
     kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
     return entry.optimizer_cls, kwargs
