@@ -9,7 +9,7 @@ from test_moe_callback import (
     bias_snapshot,
     maxvio,
     routers,
-    sign_update,
+    assert_updated,
     tiny_lossfree,
     token_dataset,
     training_args,
@@ -51,7 +51,7 @@ def test_plain_loop_updates_once_per_optimizer_step(accumulation):
     counts, biases = plain_loop(model, [torch.optim.SGD(model.parameters(), lr=1e-2)], 3, accumulation)
     for step, step_counts in enumerate(counts):
         assert step_counts.sum() == 2 * 2 * 4 * 12 * accumulation  # 2 layers, top-2 of every token of the step
-        assert torch.equal(biases[step + 1], sign_update(biases[step], step_counts, RATE))
+        assert_updated(biases[step + 1], biases[step], step_counts, RATE)
 
 
 def test_two_optimizers_on_one_model_update_once():
@@ -60,7 +60,7 @@ def test_two_optimizers_on_one_model_update_once():
     optimizers = [torch.optim.SGD(params[: len(params) // 2], lr=1e-2), hf_signopt.Lion(params[len(params) // 2:])]
     counts, biases = plain_loop(model, optimizers, 2)
     for step, step_counts in enumerate(counts):
-        assert torch.equal(biases[step + 1], sign_update(biases[step], step_counts, RATE))
+        assert_updated(biases[step + 1], biases[step], step_counts, RATE)
 
 
 def test_an_optimizer_of_other_parameters_does_not_update():
@@ -106,7 +106,7 @@ def test_trainer_balances_and_reports_without_a_callback(tmp_path, with_callback
                       callbacks=callbacks)
     trainer.train()
     for step, counts in enumerate(recorder.step_counts):
-        assert torch.equal(recorder.step_biases[step + 1], sign_update(recorder.step_biases[step], counts, RATE))
+        assert_updated(recorder.step_biases[step + 1], recorder.step_biases[step], counts, RATE)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     expected = [maxvio(c).mean().item() for c in recorder.step_counts]
     assert logs[0]["moe/maxvio"] == pytest.approx(sum(expected[:2]) / 2, rel=1e-6)
@@ -132,7 +132,7 @@ def test_trainer_steps_the_balancer_when_the_optimizer_step_cannot(tmp_path):
                               callbacks=[recorder])
     trainer.train()
     for step, counts in enumerate(recorder.step_counts):
-        assert torch.equal(recorder.step_biases[step + 1], sign_update(recorder.step_biases[step], counts, RATE))
+        assert_updated(recorder.step_biases[step + 1], recorder.step_biases[step], counts, RATE)
 
 
 def deepseek_v3():
@@ -162,5 +162,5 @@ def test_native_bias_family_warns_unless_enabled(tmp_path, caplog):
     trainer.train()
     assert len(routers(model)) == 1
     for step, counts in enumerate(recorder.step_counts):
-        assert torch.equal(recorder.step_biases[step + 1], sign_update(recorder.step_biases[step], counts, RATE))
+        assert_updated(recorder.step_biases[step + 1], recorder.step_biases[step], counts, RATE)
     assert any("moe/maxvio" in entry for entry in trainer.state.log_history)

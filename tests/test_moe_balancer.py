@@ -223,7 +223,7 @@ def test_defaults_come_from_the_model_config():
     balancer.remove()
     assert LossFreeBalancer(model, update_rate=0.004).update_rate == 0.004
     plain = LossFreeBalancer(ScriptedMoe())
-    assert (plain.update_rate, plain.update_rule) == (0.001, "sign")
+    assert (plain.update_rate, plain.update_rule) == (0.005, "linear")  # DEFAULT_ROUTER_UPDATE_*
 
 
 def test_misuse_raises_clear_errors():
@@ -235,7 +235,7 @@ def test_misuse_raises_clear_errors():
         LossFreeBalancer(ScriptedMoe(), update_rate=float("nan"))
     with pytest.raises(ValueError, match=r"update_rule must be one of \('sign', 'rms', 'linear'\), got 'l2'"):
         LossFreeBalancer(ScriptedMoe(), update_rule="l2")
-    with pytest.raises(ValueError, match="contradicts model.config.router_bias_update_rule='sign'"):
+    with pytest.raises(ValueError, match="contradicts model.config.router_bias_update_rule='linear'"):
         LossFreeBalancer(tiny_lossfree(), update_rule="rms")
     model = ScriptedMoe()
     first = LossFreeBalancer(model)
@@ -312,7 +312,7 @@ def test_router_probe_keeps_random_state_and_training_flags():
 
 def test_biases_replaced_by_moving_the_model_are_the_ones_updated():
     model = ScriptedMoe()
-    balancer = LossFreeBalancer(model)
+    balancer = LossFreeBalancer(model, update_rate=U, update_rule="sign")
     model._apply(torch.clone)  # what `model.to(device)` does to every buffer: new tensor objects
     model(choices_from_loads([[3, 1, 2, 2], [2, 2, 2, 2]]))
     balancer.step()

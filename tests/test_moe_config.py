@@ -30,8 +30,8 @@ def test_defaults_are_mixtral_plus_router_fields():
     assert isinstance(config, MixtralConfig)
     assert config.router_score_func == "softmax"
     assert config.norm_topk_prob is True
-    assert config.router_bias_update_rate == 0.001
-    assert config.router_bias_update_rule == "sign"
+    assert config.router_bias_update_rate == 0.005
+    assert config.router_bias_update_rule == "linear"
     assert config.router_aux_loss_coef == 0.0
     for name in ("hidden_size", "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "vocab_size"):
         assert getattr(config, name) == getattr(mixtral, name)
@@ -178,7 +178,7 @@ def test_mixtral_config_is_converted_to_lossfree_moe(tmp_path):
     config = LossFreeMoeConfig.from_pretrained(tmp_path / "mixtral")
     assert config.model_type == "lossfree_moe"  # the instance no longer claims to be Mixtral
     assert config.router_aux_loss_coef == 0.02  # values written in the checkpoint are kept
-    assert config.router_bias_update_rule == "sign"  # new fields take their defaults
+    assert config.router_bias_update_rule == "linear"  # new fields take their defaults
     config.save_pretrained(tmp_path / "converted")
     assert json.loads((tmp_path / "converted" / "config.json").read_text())["model_type"] == "lossfree_moe"
     assert type(AutoConfig.from_pretrained(tmp_path / "converted")) is LossFreeMoeConfig

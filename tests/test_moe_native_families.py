@@ -56,7 +56,7 @@ def test_bias_held_away_from_the_gate_is_balanced(family):
 
     for layer, gate in enumerate(gates):
         gate.register_forward_hook(count(layer))
-    balancer = hf_signopt.enable_balancing(model, update_rate=RATE)
+    balancer = hf_signopt.enable_balancing(model, update_rate=RATE, update_rule="sign")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(2):
         before = torch.stack([getattr(h, BIAS_NAME).detach().reshape(-1).clone() for h in holders])

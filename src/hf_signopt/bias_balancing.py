@@ -102,9 +102,12 @@ def bias_update(
     padded = isinstance(num_targets, torch.Tensor)
     targets = num_targets.to(counts.device)[:, None] if padded else num_targets
     signed_rate = -rate if minimize else rate
-    if rule == "sign" and wanted is None:
-        # Integer comparison, exact: E * load_i = total gives 0, and so does a row without objects (all zero).
-        increment = torch.sign(total - targets * counts).to(torch.float32).mul_(signed_rate)  # u * {-1, 0, 1}
+    if rule != "rms" and wanted is None:  # the MoE case, in a few integer operations
+        shortfall = total - targets * counts  # E * (mean - load_i), exact
+        if rule == "sign":  # 0 where E * load_i = total, and in a row without objects (all zero)
+            increment = torch.sign(shortfall).to(torch.float32).mul_(signed_rate)
+        else:  # u * (mean - load_i) / mean = u * shortfall / total
+            increment = (shortfall / total.clamp_min(1)).to(torch.float32).mul_(signed_rate)
         if padded:  # the padding's shortfall is the total: keep it at 0
             increment = increment.where(torch.arange(counts.shape[1], device=counts.device) < targets, 0.0)
         return increment
@@ -119,8 +122,8 @@ def bias_update(
         if rule == "rms":
             rms = (deviation.square().sum(dim=1, keepdim=True) / width).sqrt()
             direction = deviation / rms.clamp_min(torch.finfo(torch.float64).tiny)
-        else:
-            direction = deviation * width if wanted is None else deviation / wanted_fractions
+        else:  # linear, toward wanted loads
+            direction = deviation / wanted_fractions
     direction = torch.where(valid & (total > 0), direction, 0.0)
     return (signed_rate * direction).to(torch.float32)
 

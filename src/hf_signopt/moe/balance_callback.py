@@ -52,9 +52,9 @@ class LossFreeBalanceCallback(TrainerCallback):
     later callbacks see.
 
     Args:
-        update_rate: Bias step size; default `model.config.router_bias_update_rate`, else 0.001.
+        update_rate: Bias step size; default `model.config.router_bias_update_rate`, else 0.005.
         update_rule: `"sign"`, `"rms"` or `"linear"`; default `model.config.router_bias_update_rule`,
-            else `"sign"`.
+            else `"linear"`.
 
     Example:
         ```python

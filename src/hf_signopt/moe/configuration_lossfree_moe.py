@@ -7,7 +7,7 @@ from huggingface_hub.dataclasses import strict, validated_field
 from transformers import MixtralConfig
 from transformers.activations import ACT2FN
 
-from .balancer import DEFAULT_UPDATE_RATE, DEFAULT_UPDATE_RULE, validate_update_rate, validate_update_rule
+from .balancer import DEFAULT_ROUTER_UPDATE_RATE, DEFAULT_ROUTER_UPDATE_RULE, validate_update_rate, validate_update_rule
 
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -47,13 +47,14 @@ class LossFreeMoeConfig(MixtralConfig):
         norm_topk_prob (`bool`, *optional*, defaults to `True`):
             Whether the gate weights of the selected experts are divided by their sum so they add up to 1 per
             token (the name transformers uses in Qwen2-MoE and DeepSeek-V3). `True` with softmax is Mixtral.
-        router_bias_update_rate (`float`, *optional*, defaults to 0.001):
-            The bias step size `u` the balancer uses (the paper's value is 0.001). Must be finite and >= 0;
-            0 freezes the bias.
-        router_bias_update_rule (`str`, *optional*, defaults to `"sign"`):
+        router_bias_update_rate (`float`, *optional*, defaults to 0.005):
+            The bias step size `u` the balancer uses (the paper's value for its `"sign"` rule is 0.001). Must be
+            finite and >= 0; 0 freezes the bias.
+        router_bias_update_rule (`str`, *optional*, defaults to `"linear"`):
             How the balancer moves the bias from the per-expert load `F` (tokens routed to each expert) and its
-            mean `Q`. `"sign"`: `b += u * sign(Q - F)`; `"rms"`: `b += u * (Q - F) / RMS(F - Q)`;
-            `"linear"`: `b += u * (Q - F) / Q`.
+            mean `Q`. `"sign"`: `b += u * sign(Q - F)` (the paper's); `"rms"`: `b += u * (Q - F) / RMS(F - Q)`;
+            `"linear"`: `b += u * (Q - F) / Q`, whose steps shrink as the loads even out (it balances in fewer
+            steps: README, "Loss-free balancing").
         router_aux_loss_coef (`float`, *optional*, defaults to 0.0):
             Weight of Mixtral's auxiliary load-balancing loss, added to the language-modeling loss when the model
             runs with `output_router_logits=True`. 0 by default since the bias does the balancing; set it > 0 to
@@ -90,9 +91,9 @@ class LossFreeMoeConfig(MixtralConfig):
     )
     norm_topk_prob: bool = True
     router_bias_update_rate: float | int = validated_field(
-        partial(validate_update_rate, source="`router_bias_update_rate`"), default=DEFAULT_UPDATE_RATE
+        partial(validate_update_rate, source="`router_bias_update_rate`"), default=DEFAULT_ROUTER_UPDATE_RATE
     )
-    router_bias_update_rule: str = DEFAULT_UPDATE_RULE
+    router_bias_update_rule: str = DEFAULT_ROUTER_UPDATE_RULE
 
     def __post_init__(self, **kwargs):
         # A Mixtral `config.json` says `model_type="mixtral"`; without this it would shadow the class attribute on
