@@ -26,7 +26,7 @@ one transformers picks).
 
 The paper's sign rule moves every bias by u at every step whatever the imbalance: at u=0.001 it needs about 1000
 steps on this tiny model (MaxVio_global 0.54 at 300 steps, 0.11 at 600), and a larger u oscillates at a higher
-floor (0.18 at u=0.01, 600 steps). The linear rule's step is proportional to each expert's relative imbalance, so
+floor (0.17 at u=0.01, 600 steps). The linear rule's step is proportional to each expert's relative imbalance, so
 it moves fast while the loads are far apart and slows as they even out.
 
 `--families` prints, instead, per-family tables over the MoE families of the installed transformers, built tiny
@@ -39,19 +39,19 @@ by `benchmarks/moe_families.py` (hidden 32, 2 layers, random weights) with `--ex
   `LossFreeBalancer(model, update_rate=--update-rate).step()`; the table gives MaxVio (mean over layers) of the
   first step (zero bias), of the last one and averaged over the last 10% of the steps. What the router ranks
   (softmax probabilities, sigmoid scores or raw logits) sets the scale the bias has to cross, so rows are
-  comparable only at the same scale. The sign rule moves every bias by u at each step, so where the scores of a
-  tiny random router differ by little more than u, the load oscillates at a floor instead of settling: at
-  u=0.001 flex_olmo, gemma4_text and muse_spark_text stay at MaxVio 0.3-0.5 however many updates; at u=1e-4
-  they reach 0.07-0.09 in 1000 updates.
+  comparable only at the same scale. Where the scores of a tiny random router differ by much less than u, the
+  bias overshoots: at the default (linear, u=0.005) flex_olmo, gemma4_text and muse_spark_text end above or near
+  their first step's MaxVio; at u=5e-4 they reach 0.02-0.04 in 200 updates (the sign rule at u=0.001 oscillates
+  at 0.3-0.5 for them, and needs u=1e-4 and 1000 updates for 0.07-0.09).
 - throughput: for `--throughput-families`, forward + backward + optimizer step (`--optimizer`) of two copies with
   the same initial weights, one balanced by `enable_balancing` (the bias update follows the optimizer step), one
   with `disable_balancing`, timed in interleaved rounds as above (ratio = plain time / balanced time, target
   >= 0.99); then a profile: the balancer's functions timed inside balanced training steps. On these tiny models
-  (about 20 ms a step) the balancer costs about 1 ms of host work per step (ratio about 0.95): `find_routers`'
-  traversal of the whole model at every update (`_refresh_routers`), about 30 small tensor ops in `step()`, and
-  about 7 per MoE layer in the counting hooks. The cost is per step and per layer, not per token.
+  (20-30 ms a step) the balancer costs 0.6-0.8 ms of host work per step (ratio about 0.97): about 15 small tensor
+  ops in `step()` and about 7 per MoE layer in the counting hooks. The cost is per step and per layer, not per
+  token.
 
-    python benchmarks/moe_balance.py --families                          # about 2 minutes on 2 busy CPU cores
+    python benchmarks/moe_balance.py --families                          # about 3 minutes on 2 busy CPU cores
     python benchmarks/moe_balance.py --families --skip-throughput --bias-updates 1000 --only flex_olmo kolibri1
     python benchmarks/moe_balance.py --families --skip-balance --optimizer lion --batch-size 64
 """
