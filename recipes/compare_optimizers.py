@@ -5,7 +5,8 @@ Each optimizer trains the main job's model (a small `lossfree_moe` with loss-fre
 initial weights, the same blocks in the same order, each run in `<output_dir>/<optimizer>/` (weights and metrics;
 checkpoints only if asked, e.g. `--save_strategy steps`). The recipe prints, and writes to `comparison.md` /
 `comparison.json`, a table of final train and eval loss, step time, optimizer-state memory and MaxVio_global, and
-draws every run's training loss in `loss_curves.png`.
+draws every run's training loss in `loss_curves.png`. Each optimizer trains at its own `TUNED_SETTINGS` (learning rate
+and weight decay), or all at `--learning_rate` and `--weight_decay` with `--shared_settings`.
 
 A sweep (`--sweep`, `--grid` or `--seeds`) trains each optimizer over a grid of settings, each with every seed,
 in `<output_dir>/<optimizer>/<setting>/seed<seed>/`. `--grid "lion:learning_rate=1e-4,3e-4;weight_decay=0.1,1.0"`
@@ -33,6 +34,7 @@ Usage:
     python recipes/compare_optimizers.py
     python recipes/compare_optimizers.py --optimizers adamw_torch lion simba --max_steps 100
     python recipes/compare_optimizers.py --optimizers adamw_torch simba --learning_rates 1e-3 5e-4
+    python recipes/compare_optimizers.py --shared_settings --learning_rate 2e-3
     python recipes/compare_optimizers.py --sweep --output_dir outputs/sweep
     python recipes/compare_optimizers.py --optimizers adamw_torch lion --learning_rates 2e-3 3e-4 --seeds 0 1 2 \\
         --grid "lion:weight_decay=0.3,1.0,3.0;beta1=0.9,0.95;beta2=0.98,0.99" --max_steps 500
@@ -86,6 +88,19 @@ DEFAULT_GRID = {
 }
 """`--sweep`'s grid of each optimizer without a `--grid` of its own: 4 learning rates x 2 weight decays."""
 
+TUNED_SETTINGS: dict[str, dict[str, float]] = {
+    "adamw_torch": {"learning_rate": 2e-3, "weight_decay": 0.1},
+    "lion": {"learning_rate": 1e-3, "weight_decay": 1.0},
+    "signum": {"learning_rate": 2e-3, "weight_decay": 0.1},
+    "signsgd": {"learning_rate": 1e-3, "weight_decay": 0.1},
+    "signmomentum": {"learning_rate": 2e-3, "weight_decay": 0.1},
+    "simba": {"learning_rate": 2e-3, "weight_decay": 0.1},
+}
+"""Each optimizer's learning rate and weight decay where the 500-step sweep of the main job found its lowest eval loss
+(README, "Choosing a sign optimizer's settings": one seed, two rates per optimizer). A comparison or sweep starts
+every optimizer from these, unless `--shared_settings` gives them all `--learning_rate` and `--weight_decay`;
+`--learning_rates` overrides the rates."""
+
 COLLAPSE_MAXVIO = 1.0
 """A run whose MaxVio_global exceeds this is marked `collapsed`: on average over the layers, the busiest expert takes
 more than twice its share. Balanced runs of the main job end near 0.1-0.3; collapsed ones in the issue near 1.2-2."""
@@ -93,6 +108,7 @@ more than twice its share. Balanced runs of the main job end near 0.1-0.3; colla
 COLUMNS = {
     "optimizer": "optimizer",
     "learning_rate": "lr",
+    "weight_decay": "weight decay",
     "train_loss": "train loss (run mean)",
     "eval_loss": "eval loss",
     "step_seconds": "step time (s)",
@@ -128,7 +144,11 @@ class ComparisonArguments:
         metadata={"help": "optim names to compare, in order."},
     )
     learning_rates: list[float] | None = dataclasses.field(
-        default=None, metadata={"help": "One learning rate per optimizer (default: --learning_rate for all)."}
+        default=None, metadata={"help": "One learning rate per optimizer (default: its TUNED_SETTINGS rate)."}
+    )
+    shared_settings: bool = dataclasses.field(
+        default=False, metadata={"help": "Train every optimizer at --learning_rate and --weight_decay instead of its "
+                                         "TUNED_SETTINGS."}
     )
     grid: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "A sweep: one grid per optimizer, 'optim:key=v1,v2;key=v1,v2', e.g. "
@@ -253,6 +273,7 @@ def run_metrics(args: TrainingArguments, result: Mapping[str, Any]) -> dict[str,
     train, evaluation = result["train"], result["eval"]
     return {
         "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
         "train_loss": train["train_loss"],
         "eval_loss": evaluation["eval_loss"],
         "step_seconds": train["train_runtime"] / args.max_steps,
@@ -310,18 +331,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[str, 
         (ComparisonArguments, *pretrain_moe.ARGUMENTS), DEFAULTS, argv
     )
     setup_logging(training_args)
-    rates = dict(zip(comparison.optimizers,
-                     comparison.learning_rates or [training_args.learning_rate] * len(comparison.optimizers)))
+    settings = starting_settings(comparison, training_args)
     if comparison.is_sweep:
-        return sweep(comparison, rates, model_args, data_args, training_args, run_args)
-    return compare(rates, model_args, data_args, training_args, run_args)
+        return sweep(comparison, settings, model_args, data_args, training_args, run_args)
+    return compare(settings, model_args, data_args, training_args, run_args)
 
 
-def compare(rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments, data_args: DataArguments,
-            training_args: TrainingArguments, run_args: RunArguments) -> list[dict[str, Any]]:
+def starting_settings(comparison: ComparisonArguments, training_args: TrainingArguments) -> dict[str, dict[str, Any]]:
+    """Each optimizer's learning rate and weight decay before any grid: its `TUNED_SETTINGS` (the arguments' for an
+    optimizer without, or for all with `--shared_settings`), the rate replaced by its `--learning_rates` value."""
+    shared = {"learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay}
+    settings = {optim: dict(shared if comparison.shared_settings else TUNED_SETTINGS.get(optim, shared))
+                for optim in comparison.optimizers}
+    for optim, rate in zip(comparison.optimizers, comparison.learning_rates or []):
+        settings[optim]["learning_rate"] = rate
+    return settings
+
+
+def compare(settings: Mapping[str, Mapping[str, Any]], model_args: pretrain_moe.ModelArguments,
+            data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> list[dict[str, Any]]:
     """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
     runs = comparison_runs(training_args, run_args,
-                           {optim: {"optim": optim, "learning_rate": rate} for optim, rate in rates.items()})
+                           {optim: {"optim": optim, **setting} for optim, setting in settings.items()})
     with removed_on_failure(training_args.output_dir):
         rows, curves = [], {}
         for optim, args in runs.items():
@@ -347,8 +378,9 @@ FINISHED_RUN = "sweep_run.json"
 """Written into a sweep run's directory when it has finished: its row, so that a resumed sweep skips it."""
 
 
-def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_args: pretrain_moe.ModelArguments,
-          data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> dict[str, Any]:
+def sweep(comparison: ComparisonArguments, settings: Mapping[str, Mapping[str, Any]],
+          model_args: pretrain_moe.ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+          run_args: RunArguments) -> dict[str, Any]:
     """Trains every run of the sweep, writes `sweep.md`, `sweep.json` and `eval_loss_vs_lr.png`.
 
     Returns:
@@ -357,9 +389,8 @@ def sweep(comparison: ComparisonArguments, rates: Mapping[str, float], model_arg
     """
     grids = {optim: comparison.grids.get(optim, DEFAULT_GRID.get(optim, {}) if comparison.sweep else {})
              for optim in comparison.optimizers}
-    base = {optim: {"learning_rate": rate, "weight_decay": training_args.weight_decay} for optim, rate in rates.items()}
     seeds = comparison.seeds or [training_args.seed]
-    plan = sweep_plan(grids, base, seeds)
+    plan = sweep_plan(grids, settings, seeds)
     changes = {run["run"]: run_arguments(run, training_args.optim_args) for run in plan}
     runs = comparison_runs(training_args, run_args, {name: training for name, (training, _) in changes.items()})
     for args in runs.values():  # a bad optim_args key or value fails now, not after hours of training

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from transformers import HfArgumentParser, TrainingArguments
 
 import compare_optimizers
 from compare_optimizers import (
@@ -203,7 +204,8 @@ def test_a_tiny_sweep_reports_every_run_and_marks_the_diverged_one(corpus, tmp_p
     target = tmp_path / "sweep"
     report = compare_optimizers.main([
         *corpus, *TINY, "--max_steps", "3", "--optimizers", "lion", "signsgd", "--learning_rates", "1e-3", "1e-2",
-        "--grid", "lion:learning_rate=1e-2,100;beta1=0.95", "--seeds", "1", "2", "--output_dir", str(target)])
+        "--grid", "lion:learning_rate=1e-2,100;beta1=0.95", "--seeds", "1", "2", "--shared_settings",
+        "--output_dir", str(target)])
     runs = report["runs"]
     assert [(r["optimizer"], r["setting"]["learning_rate"], r["seed"]) for r in runs] == [
         ("lion", 1e-2, 1), ("lion", 1e-2, 2), ("lion", 100, 1), ("lion", 100, 2), ("signsgd", 1e-2, 1),
@@ -242,7 +244,8 @@ def test_a_tiny_sweep_reports_every_run_and_marks_the_diverged_one(corpus, tmp_p
     monkeypatch.setattr(compare_optimizers.pretrain_moe, "pretrain", recording)
     resumed = compare_optimizers.main([
         *corpus, *TINY, "--max_steps", "3", "--optimizers", "lion", "signsgd", "--learning_rates", "1e-3", "1e-2",
-        "--grid", "lion:learning_rate=1e-2,100;beta1=0.95", "--seeds", "1", "2", "--output_dir", str(target),
+        "--grid", "lion:learning_rate=1e-2,100;beta1=0.95", "--seeds", "1", "2", "--shared_settings",
+        "--output_dir", str(target),
         "--resume_from_checkpoint", "last", "--overwrite_output_dir"])
     assert trained == [row["run"] for row in runs[3:]]
     assert json.dumps(resumed["runs"][:3]) == json.dumps(runs[:3])  # read back as written (NaN losses included)
@@ -273,3 +276,23 @@ def test_a_bad_grid_fails_before_anything_trains(corpus, tmp_path, flags, messag
     with pytest.raises(ValueError, match=message):
         compare_optimizers.main([*corpus, *TINY, *flags, "--output_dir", str(tmp_path / "sweep")])
     assert not (tmp_path / "sweep").exists()
+
+
+def test_each_optimizer_starts_from_its_tuned_settings(tmp_path):
+    def settings(*flags):
+        parser = HfArgumentParser((compare_optimizers.ComparisonArguments, TrainingArguments))
+        comparison, training = parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--learning_rate", "7e-4", "--weight_decay", "0.3", *flags])
+        return compare_optimizers.starting_settings(comparison, training)
+
+    tuned = compare_optimizers.TUNED_SETTINGS
+    both = ("--optimizers", "lion", "adamw_torch")
+    assert settings(*both) == {"lion": tuned["lion"], "adamw_torch": tuned["adamw_torch"]}
+    assert settings(*both, "--learning_rates", "1e-5", "2e-5") == {
+        "lion": {**tuned["lion"], "learning_rate": 1e-5},
+        "adamw_torch": {**tuned["adamw_torch"], "learning_rate": 2e-5},
+    }
+    shared = {"learning_rate": 7e-4, "weight_decay": 0.3}
+    assert settings("--optimizers", "lion", "--shared_settings") == {"lion": shared}
+    assert settings("--optimizers", "adafactor") == {"adafactor": shared}  # not tuned: the arguments' own
+    assert tuned["lion"]["learning_rate"] != 7e-4  # the table is not the arguments

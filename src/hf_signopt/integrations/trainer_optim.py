@@ -198,7 +198,7 @@ def _sign_optimizer_handler(ctx: Any) -> tuple[type[torch.optim.Optimizer], dict
             f"optim={entry.name!r} trains at learning_rate={ctx.args.learning_rate:g}, TrainingArguments' default, "
             "chosen for AdamW. A sign optimizer moves every weight by about the learning rate at every step: "
             "fine-tuning usually wants 3-10x less than AdamW's rate, pre-training from scratch far more than this "
-            "default (see the README's optimizer guidance). Set learning_rate for this optimizer."
+            "default (README: \"Choosing a sign optimizer's settings\"). Set learning_rate for this optimizer."
         )
     kwargs = dict(ctx.optimizer_kwargs)
     kwargs.update(entry.optimizer_kwargs(ctx.args.learning_rate, ctx.args.weight_decay, ctx.args.optim_args))
