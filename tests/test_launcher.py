@@ -153,7 +153,7 @@ MOE_SCRIPT = textwrap.dedent(
     config = AutoConfig.for_model(
         "lossfree_moe", vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=8, router_bias_update_rate=0.01,
+        max_position_embeddings=8, router_bias_update_rate=0.01, router_bias_update_rule="sign",
     )
     model = AutoModelForCausalLM.from_config(config)
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 16, (16, 8))]

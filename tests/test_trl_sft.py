@@ -27,7 +27,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def save_tiny_checkpoint(path):
     torch.manual_seed(0)
-    LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY_MOE, router_bias_update_rate=RATE)).save_pretrained(path)
+    config = LossFreeMoeConfig(**TINY_MOE, router_bias_update_rate=RATE, router_bias_update_rule="sign")
+    LossFreeMoeForCausalLM(config).save_pretrained(path)
     vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz .")} | {"<unk>": 28, "<eos>": 29}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
