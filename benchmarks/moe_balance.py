@@ -696,10 +696,10 @@ def throughput_table_families(args: argparse.Namespace) -> None:
     print(f"\nwhere the balanced step's extra time goes: the balancer's functions timed inside "
           f"{max(20, 4 * args.throughput_steps)} balanced training steps, in microseconds per step: the counting hooks "
           "(`_count`, one call per MoE layer), `step()` (the bias update the optimizer step triggers) and, inside "
-          "it, `find_routers` (the traversal of every module of the model that `_refresh_routers` makes at each "
-          "update), `bias_update`, `max_violation` and the rest (the per-layer bias `add_`, counts `clone` / "
-          "`zero_`, MaxVio running sums); against the measured extra time (median over the rounds of balanced - "
-          "plain block time, per step)\n")
+          "it, `find_routers` (the traversal of every module that `_refresh_routers` makes after PEFT moved the "
+          "routing to router copies), `bias_update`, `max_violation` and the rest (the biases' `_foreach_add_`, "
+          "fresh counts, MaxVio running sums); against the measured extra time (median over the rounds of balanced "
+          "- plain block time, per step)\n")
     print("| family | plain step ms | balanced step ms | measured extra us | _count us | step() us | find_routers us "
           "| bias_update us | max_violation us | rest of step() us | _count + step() % of the step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
