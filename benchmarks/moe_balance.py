@@ -354,14 +354,11 @@ def quality_run(args: argparse.Namespace, seed: int, train_text: torch.Tensor, h
     """
     torch.manual_seed(seed)
     model = LossFreeMoeForCausalLM(model_config(args, **config_fields))
-    variant = None
     if options:  # in place of the model's own balancer
         disable_balancing(model)
-        variant = VariantBalancer(model, options)
+        VariantBalancer(model, options)
     seconds = train(model, batches(train_text, args, args.steps, seed + 1), args, None)
-    disable_balancing(model)  # the eval meter below counts held-out tokens only
-    if variant is not None:
-        variant.remove()
+    disable_balancing(model)  # whichever balanced it: the eval meter below counts held-out tokens only
     loss, maxvio = evaluate(model, held_out, args)
     return dict(loss=loss, maxvio=sum(maxvio) / len(maxvio), seconds=seconds)
 
