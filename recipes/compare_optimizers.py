@@ -13,8 +13,8 @@ in `<output_dir>/<optimizer>/<setting>/seed<seed>/`. `--grid "lion:learning_rate
 gives one optimizer's grid (the product of its keys' values); a key is a `TrainingArguments` field (`adam_beta2`,
 `warmup_steps`, ...), a `ModelArguments` field (`router_learning_rate_ratio`, ...) or, for hf_signopt's optimizers,
 an `optim_args` key (`beta1`, `beta2`, `momentum`, `window_size`, `threshold`, ...). Under `--sweep` an optimizer
-without a `--grid` takes its `DEFAULT_GRID` (4 learning rates x 2 weight decays); otherwise it runs at its one
-learning rate. `--max_steps` sets the run length. Every run is marked `diverged` (a non-finite loss, or a last logged
+without a `--grid` takes its `DEFAULT_GRID` (4 learning rates x 2 weight decays); otherwise it runs once, at its
+starting setting. `--max_steps` sets the run length. Every run is marked `diverged` (a non-finite loss, or a last logged
 training loss above the first), `collapsed` (MaxVio_global above `--collapse_maxvio`, default 1.0) or `ok`.
 `sweep.md` / `sweep.json` hold each optimizer's best setting (the lowest mean eval loss over the seeds among the
 settings with no marked run), then every setting: seed means of eval and train loss, the eval loss's spread (max -
