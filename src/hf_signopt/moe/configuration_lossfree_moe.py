@@ -54,7 +54,7 @@ class LossFreeMoeConfig(MixtralConfig):
             How the balancer moves the bias from the per-expert load `F` (tokens routed to each expert) and its
             mean `Q`. `"sign"`: `b += u * sign(Q - F)` (the paper's); `"rms"`: `b += u * (Q - F) / RMS(F - Q)`;
             `"linear"`: `b += u * (Q - F) / Q`, whose steps shrink as the loads even out (it balances in fewer
-            steps: README, "Loss-free balancing").
+            steps: README, "Which update rule and rate").
         router_aux_loss_coef (`float`, *optional*, defaults to 0.0):
             Weight of Mixtral's auxiliary load-balancing loss, added to the language-modeling loss when the model
             runs with `output_router_logits=True`. 0 by default since the bias does the balancing; set it > 0 to
