@@ -43,13 +43,13 @@ by `benchmarks/moe_families.py` (hidden 32, 2 layers, random weights) with `--ex
   bias overshoots: at the default (linear, u=0.005) flex_olmo, gemma4_text and muse_spark_text end above or near
   their first step's MaxVio; at u=5e-4 they reach 0.02-0.04 in 200 updates (the sign rule at u=0.001 oscillates
   at 0.3-0.5 for them, and needs u=1e-4 and 1000 updates for 0.07-0.09).
-- throughput: for `--throughput-families`, forward + backward + optimizer step (`--optimizer`) of two copies with
-  the same initial weights, one balanced by `enable_balancing` (the bias update follows the optimizer step), one
-  with `disable_balancing`, timed in interleaved rounds as above (ratio = plain time / balanced time, target
-  >= 0.99); then a profile: the balancer's functions timed inside balanced training steps. On these tiny models
-  (20-30 ms a step) the balancer costs 0.6-0.8 ms of host work per step (ratio about 0.97): about 15 small tensor
-  ops in `step()` and about 7 per MoE layer in the counting hooks. The cost is per step and per layer, not per
-  token.
+- throughput: for `--throughput-families`, forward + backward + optimizer step (`--optimizer`) of one model,
+  timed in interleaved blocks balanced by `enable_balancing` (the bias update follows the optimizer step) and
+  plain (`disable_balancing`): the same weights in the same memory (ratio = plain time / balanced time, target
+  >= 0.99); then a profile: the balancer's functions timed inside balanced training steps. The balancer's cost
+  is host work per step and per MoE layer, not per token: a few small tensor operations in `step()` (the
+  training MaxVio of `UPDATES_PER_COUNT_BLOCK` updates is computed at once) and a few per layer in the
+  counting hooks.
 
     python benchmarks/moe_balance.py --families                          # about 3 minutes on 2 busy CPU cores
     python benchmarks/moe_balance.py --families --skip-throughput --bias-updates 1000 --only flex_olmo kolibri1
@@ -87,7 +87,13 @@ from hf_signopt import (
 )
 from hf_signopt.moe import balancer as balancer_module
 from hf_signopt.bias_balancing import UPDATE_RULES, bias_update, validate_update_rate, validate_update_rule
-from hf_signopt.moe.balancer import BIAS_NAME, DEFAULT_ROUTER_UPDATE_RATE, DEFAULT_ROUTER_UPDATE_RULE, find_routers
+from hf_signopt.moe.balancer import (
+    BIAS_NAME,
+    DEFAULT_ROUTER_UPDATE_RATE,
+    DEFAULT_ROUTER_UPDATE_RULE,
+    UPDATES_PER_COUNT_BLOCK,
+    find_routers,
+)
 
 try:
     from benchmarks.moe_families import TINY, VOCAB, _ranked_kind, model_class, model_inputs, moe_families, tiny_model
@@ -111,9 +117,10 @@ def parse_args() -> argparse.Namespace:
                         help="bias update rate u of the throughput and --families parts (default: the library's)")
     parser.add_argument("--update-rule", default=DEFAULT_ROUTER_UPDATE_RULE, choices=UPDATE_RULES)
     parser.add_argument("--eval-windows", type=int, default=128, help="held-out windows of --seq-len bytes")
-    parser.add_argument("--throughput-steps", type=int, default=None, help="steps per timed block (5; --families: 2)")
+    parser.add_argument("--throughput-steps", type=int, default=None,
+                        help=f"steps per timed block (5; --families: {UPDATES_PER_COUNT_BLOCK})")
     parser.add_argument(
-        "--throughput-rounds", type=int, default=None, help="interleaved timed blocks per model (20; --families: 50)"
+        "--throughput-rounds", type=int, default=None, help="interleaved timed blocks per model (20; --families: 30)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the throughput and --families parts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the quality table")
@@ -143,10 +150,10 @@ def parse_args() -> argparse.Namespace:
     families.add_argument("--skip-balance", action="store_true", help="--families: no balance table")
     families.add_argument("--skip-throughput", action="store_true", help="--families: no throughput tables")
     args = parser.parse_args()
-    if args.throughput_steps is None:  # --families times shorter blocks, in more rounds: closer pairs under load
-        args.throughput_steps = 2 if args.families else 5
+    if args.throughput_steps is None:  # --families: a block holds one fold of the balancer's MaxVio (see there)
+        args.throughput_steps = UPDATES_PER_COUNT_BLOCK if args.families else 5
     if args.throughput_rounds is None:
-        args.throughput_rounds = 50 if args.families else 20
+        args.throughput_rounds = 30 if args.families else 20
     for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds",
                  "bias_updates", "experts", "family_batch_size", "family_seq_len"):
         if getattr(args, name) < 1:
@@ -303,10 +310,8 @@ class VariantBalancer(LossFreeBalancer):
         super().__init__(model, follow_optimizer=True, **kwargs)
         self.options, self._smoothed = options, None
 
-    @torch.no_grad()
-    def step(self):
-        counts, t = self._train_counts, self.steps_taken + 1
-        loads = counts
+    def _bias_increments(self, counts: torch.Tensor) -> torch.Tensor:
+        t, loads = self.steps_taken + 1, counts
         if "ema" in self.options:
             beta = float(self.options["ema"])
             self._smoothed = counts.double() if self._smoothed is None else (
@@ -314,12 +319,15 @@ class VariantBalancer(LossFreeBalancer):
             loads = self._smoothed
         rate = self.update_rate / math.sqrt(t) if self.options.get("decay") == "isqrt" else self.update_rate
         rate *= min(1.0, t / float(self.options.get("warmup", 1)))
-        self._add_to_biases(bias_update(loads, self._num_targets, self.update_rule, rate))
+        return bias_update(loads, self._num_targets, self.update_rule, rate)
+
+    @torch.no_grad()
+    def step(self):
+        metrics = super().step()
         if "cap" in self.options:
             for router in self._routers:
                 getattr(router, BIAS_NAME).clamp_(-float(self.options["cap"]), float(self.options["cap"]))
-        counts.zero_()
-        self.steps_taken, self._counted = t, False
+        return metrics
 
 
 VARIANT_OPTIONS = {"ema": float, "cap": float, "warmup": int, "decay": ("isqrt",)}
@@ -628,32 +636,42 @@ def timed_calls(targets: list[tuple[object, str]]):
 
 
 def throughput_family(model_type: str, args: argparse.Namespace) -> dict:
-    """Balanced vs plain training throughput of `model_type`, and where the balanced step's extra time goes."""
-    (balanced, source), (plain, _) = (family_model(model_type, args.experts, args, args.seq_len) for _ in range(2))
-    disable_balancing(plain)  # a lossfree_moe model balances itself from the start
-    balancer = enable_balancing(balanced, update_rate=args.update_rate, update_rule=args.update_rule,
-                                count_eval_tokens=False)
-    inputs = family_inputs(balanced, args.batch_size, args.seq_len, args.seed + 1)
-    if "labels" in inspect.signature(balanced.forward).parameters:
+    """Balanced vs plain training throughput of `model_type`, and where the balanced step's extra time goes.
+
+    One model, timed in alternating blocks with a balancer (`enable_balancing`) and without (`disable_balancing`):
+    the same weights in the same memory, so the ratio measures the balancing alone. After each switch one untimed
+    step; a block of `UPDATES_PER_COUNT_BLOCK` steps pays its share of the MaxVio the balancer folds per block.
+    """
+    model, source = family_model(model_type, args.experts, args, args.seq_len)
+    model.train()
+    inputs = family_inputs(model, args.batch_size, args.seq_len, args.seed + 1)
+    if "labels" in inspect.signature(model.forward).parameters:
         inputs["labels"] = inputs["input_ids"]
-    optimizer_class = Lion if args.optimizer == "lion" else torch.optim.SGD
-    models = {"plain": plain, "balanced": balanced}
-    optimizers = {name: optimizer_class(model.parameters(), lr=args.lr) for name, model in models.items()}
-    for model in models.values():
-        model.train()
-    for name, model in models.items():  # warm-up (and the optimizer kernels' first build)
-        train_steps(model, optimizers[name], inputs, 2)
+    optimizer = (Lion if args.optimizer == "lion" else torch.optim.SGD)(model.parameters(), lr=args.lr)
+
+    def switch(name: str) -> LossFreeBalancer | None:
+        disable_balancing(model)  # a lossfree_moe model balances itself from the start
+        balancer = None if name == "plain" else enable_balancing(
+            model, update_rate=args.update_rate, update_rule=args.update_rule, count_eval_tokens=False)
+        train_steps(model, optimizer, inputs, 1)
+        return balancer
+
+    for name in ("plain", "balanced"):  # warm-up (and the optimizer kernels' first build)
+        switch(name)
+        train_steps(model, optimizer, inputs, 2)
     times = {"plain": [], "balanced": []}
     for round_index in range(args.throughput_rounds):
         for name in ("plain", "balanced") if round_index % 2 == 0 else ("balanced", "plain"):
-            times[name].append(train_steps(models[name], optimizers[name], inputs, args.throughput_steps))
+            switch(name)
+            times[name].append(train_steps(model, optimizer, inputs, args.throughput_steps))
     ratios = [p / b for p, b in zip(times["plain"], times["balanced"])]
     extra = statistics.median(b - p for p, b in zip(times["plain"], times["balanced"])) / args.throughput_steps
+    balancer = switch("balanced")
     profile_steps = max(20, 4 * args.throughput_steps)
-    targets = [(balancer, "_count"), (balancer, "step")]
+    targets = [(balancer, "_count"), (balancer, "_count_routed"), (balancer, "step")]
     targets += [(balancer_module, name) for name in ("find_routers", "bias_update", "max_violation")]
     with timed_calls(targets) as (seconds, calls):
-        profiled = train_steps(balanced, optimizers["balanced"], inputs, profile_steps)
+        profiled = train_steps(model, optimizer, inputs, profile_steps)
     if calls["step"] != profile_steps:
         raise RuntimeError(f"the balancer stepped {calls['step']} times in {profile_steps} optimizer steps")
     tokens = args.batch_size * args.seq_len * args.throughput_steps
@@ -679,10 +697,11 @@ def throughput_table_families(args: argparse.Namespace) -> None:
             print(f"{name}: cannot be timed ({type(error).__name__}: {error}"[:200] + ")")
     tokens = args.batch_size * args.seq_len
     print(f"\ntraining throughput, balanced (enable_balancing, u={args.update_rate:g}) vs plain (disable_balancing): "
-          f"two copies with the same initial weights, {tokens} tokens per step ({args.batch_size} x {args.seq_len}), "
-          f"{args.optimizer} optimizer, {args.throughput_rounds} interleaved rounds of {args.throughput_steps} steps "
-          "per model; ratio = plain time / balanced time per round (median and quartiles: the spread is the load of "
-          "other processes), tokens/s of each model's median block\n")
+          f"one model timed with and without its balancer, {tokens} tokens per step ({args.batch_size} x "
+          f"{args.seq_len}), {args.optimizer} optimizer, {args.throughput_rounds} interleaved rounds of "
+          f"{args.throughput_steps} steps each way (one untimed step after each switch); ratio = plain time / "
+          "balanced time per round (median and quartiles: the spread is the load of other processes), tokens/s of "
+          "the median blocks\n")
     print("| family | bias | experts x layers | plain tok/s | balanced tok/s | ratio (median, >= 0.99) | quartiles |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -692,20 +711,23 @@ def throughput_table_families(args: argparse.Namespace) -> None:
               f"| {r['balanced_tps']:.0f} | {median:.3f} | {q1:.3f}-{q3:.3f} |")
     print(f"\nwhere the balanced step's extra time goes: the balancer's functions timed inside "
           f"{max(20, 4 * args.throughput_steps)} balanced training steps, in microseconds per step: the counting hooks "
-          "(`_count`, one call per MoE layer), `step()` (the bias update the optimizer step triggers) and, inside "
+          "(`_count`, one call per MoE layer, and `_count_routed`, one per forward), `step()` (the bias update "
+          "the optimizer step triggers) and, inside "
           "it, `find_routers` (the traversal of every module that `_refresh_routers` makes after PEFT moved the "
-          "routing to router copies), `bias_update`, `max_violation` and the rest (the biases' `_foreach_add_`, "
-          "fresh counts, MaxVio running sums); against the measured extra time (median over the rounds of balanced "
-          "- plain block time, per step)\n")
-    print("| family | plain step ms | balanced step ms | measured extra us | _count us | step() us | find_routers us "
-          "| bias_update us | max_violation us | rest of step() us | _count + step() % of the step |")
+          "routing to router copies), `bias_update`, `max_violation` (the training MaxVio, for "
+          f"{UPDATES_PER_COUNT_BLOCK} updates at once) and the rest (the biases' `_foreach_add_`, the next row of "
+          "counts); against the measured extra time (median over the rounds of balanced - plain block time, per "
+          "step)\n")
+    print("| family | plain step ms | balanced step ms | measured extra us | counting us | step() us | find_routers us "
+          "| bias_update us | max_violation us | rest of step() us | counting + step() % of the step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         us, plain_ms, balanced_ms = collections.Counter(r["us"]), r["step_ms"]["plain"], r["step_ms"]["balanced"]
         rest = us["step"] - us["find_routers"] - us["bias_update"] - us["max_violation"]
-        share = 100 * (us["_count"] + us["step"]) / (1e3 * r["profiled_ms"])
+        counting = us["_count"] + us["_count_routed"]
+        share = 100 * (counting + us["step"]) / (1e3 * r["profiled_ms"])
         print(f"| {r['family']} | {plain_ms:.2f} | {balanced_ms:.2f} | {r['extra_us']:.0f} "
-              f"| {us['_count']:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['bias_update']:.0f} "
+              f"| {counting:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['bias_update']:.0f} "
               f"| {us['max_violation']:.0f} | {rest:.0f} | {share:.1f} |")
     slow = [r for r in results if round(r["median"], 3) < 0.99]
     if slow:

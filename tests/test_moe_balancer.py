@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import hf_signopt
 from hf_signopt import LoadBalanceMetrics, LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
-from hf_signopt.moe.balancer import attached_balancer, max_violation
+from hf_signopt.moe.balancer import UPDATES_PER_COUNT_BLOCK, attached_balancer
 
 U = 0.001
 
@@ -140,12 +142,31 @@ def test_maxvio_per_layer_and_summary():
 
 def test_summary_leaves_out_a_layer_that_routed_no_token():
     counts = torch.tensor([[5, 1, 3, 3], [0, 0, 0, 0]])
-    maxvio = max_violation(counts, torch.tensor([4, 4]))
-    assert maxvio[1].isnan()
-    metrics = LoadBalanceMetrics(("a", "b"), counts, maxvio)
+    metrics = LoadBalanceMetrics(("a", "b"), counts, torch.tensor([4, 4]))
+    assert metrics.maxvio[1].isnan()
     assert metrics.to_dict() == pytest.approx({"moe/maxvio": (5 - 3) / 3, "moe/maxvio_max": (5 - 3) / 3})
-    idle = LoadBalanceMetrics(("a", "b"), counts * 0, max_violation(counts * 0, torch.tensor([4, 4])))
+    idle = LoadBalanceMetrics(("a", "b"), counts * 0, 4)
     assert idle.to_dict() == {}
+
+
+def test_training_maxvio_is_the_mean_over_the_updates_since_it_was_last_read():
+    # More updates than one count block holds, read twice: each reading averages exactly its own updates, and
+    # metrics handed out earlier keep their counts after their block was replaced.
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model)
+    steps = UPDATES_PER_COUNT_BLOCK + 5
+    loads = [[[2 + step % 3, 2 - step % 3, 2, 2], [2, 2, 2 + step % 2, 2 - step % 2]] for step in range(2 * steps)]
+    handed_out = []
+    for reading in range(2):
+        for step in range(reading * steps, (reading + 1) * steps):
+            model(choices_from_loads(loads[step])).backward()
+            handed_out.append(balancer.step())
+        maxvio = [max(layer) / (sum(layer) / 4) - 1 for step in range(reading * steps, (reading + 1) * steps)
+                  for layer in loads[step]]
+        expected = torch.tensor(maxvio).reshape(steps, 2).mean(dim=0)
+        torch.testing.assert_close(balancer.pop_training_maxvio(), expected, rtol=1e-6, atol=0)
+    assert balancer.pop_training_maxvio() is None  # nothing since the last reading
+    assert [m.tokens_per_expert.tolist() for m in handed_out] == loads
 
 
 @pytest.mark.parametrize("as_keyword", [True, False])
@@ -308,6 +329,39 @@ def test_router_probe_keeps_random_state_and_training_flags():
     with torch.device("meta"):  # weights not materialized (from_pretrained's meta device): checked when it runs
         meta = nn.Sequential(LinearRouter("logits"))
     LossFreeBalancer(meta)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_training_step(layers, balanced):
+    model = tiny_lossfree(num_hidden_layers=layers)
+    hf_signopt.disable_balancing(model)
+    if balanced:
+        hf_signopt.enable_balancing(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 48, (2, 8), generator=torch.Generator().manual_seed(0))
+    counter = _OpCounter()
+    with counter:
+        for _ in range(UPDATES_PER_COUNT_BLOCK):  # one block: its MaxVio fold included
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return counter.ops / UPDATES_PER_COUNT_BLOCK
+
+
+def test_balancing_adds_a_few_tensor_operations_per_step_whatever_the_depth():
+    # The balancer's cost is host work per tensor operation: a fixed handful per training step (counting all
+    # layers at once at the end of the forward, one bias update for all routers), not a handful per MoE layer.
+    extra = {layers: _ops_per_training_step(layers, True) - _ops_per_training_step(layers, False) for layers in (2, 6)}
+    assert extra[2] == extra[6] and 0 < extra[2] < 20, extra
 
 
 def test_biases_replaced_by_moving_the_model_are_the_ones_updated():

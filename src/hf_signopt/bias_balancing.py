@@ -103,7 +103,8 @@ def bias_update(
     targets = num_targets.to(counts.device)[:, None] if padded else num_targets
     signed_rate = -rate if minimize else rate
     if rule != "rms" and wanted is None:  # the MoE case, in a few integer operations
-        shortfall = total - targets * counts  # E * (mean - load_i), exact
+        # E * (mean - load_i) = total - E * load_i, exact (one operation when every row has E targets)
+        shortfall = total - targets * counts if padded else torch.sub(total, counts, alpha=targets)
         if rule == "sign":  # 0 where E * load_i = total, and in a row without objects (all zero)
             increment = torch.sign(shortfall).to(torch.float32).mul_(signed_rate)
         else:  # u * (mean - load_i) / mean = u * shortfall / total
@@ -132,14 +133,18 @@ def max_violation(counts: torch.Tensor, num_targets: torch.Tensor | int) -> torc
     """MaxVio per row: `(max_i load_i - mean_load) / mean_load`; NaN for a row that saw no object.
 
     Args:
-        counts: Integer objects per target, shape `(num_rows, max_targets)`, zero-padded.
+        counts: Integer objects per target, shape `(..., num_rows, max_targets)`, zero-padded (leading dimensions:
+            several sets of rows at once, e.g. the counts of several updates).
         num_targets: Targets per row, shape `(num_rows,)`, or an int when every row has that many.
+
+    Returns:
+        float32 tensor of shape `counts.shape[:-1]`.
     """
     if isinstance(num_targets, torch.Tensor):
         num_targets = num_targets.to(counts.device)
-    total = counts.sum(dim=1)
+    total = counts.sum(dim=-1)
     # (max * E - total) / total, with an exact integer numerator; true division (0 / 0 = NaN).
-    return ((counts.amax(dim=1) * num_targets - total) / total).to(torch.float32)
+    return ((counts.amax(dim=-1) * num_targets - total) / total).to(torch.float32)
 
 
 def all_reduce_counts(counts: torch.Tensor, process_group: dist.ProcessGroup | None = None) -> None:

@@ -11,6 +11,7 @@ scores only to choose the top-k experts. After each optimizer step the bias move
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Iterator
@@ -121,6 +122,9 @@ def _choosing_module(name: str, holder: nn.Module, modules: dict[str, nn.Module]
 
 
 PROBE_TOKENS = 4  # random tokens a router is run on to check it before training
+# Updates whose counts are kept for their training MaxVio, computed for all of them at once when the block is full
+# or the metrics are read: the update itself then costs a handful of tensor operations.
+UPDATES_PER_COUNT_BLOCK = 16
 
 
 def probe_weight(router: nn.Module) -> torch.Tensor | None:
@@ -231,12 +235,19 @@ class LoadBalanceMetrics:
     Attributes:
         router_names: Qualified module names of the routers, one per layer.
         tokens_per_expert: Integer counts, shape `(num_layers, max_experts)`, summed over ranks.
-        maxvio: MaxVio per layer, float32 tensor on the counting device (NaN where no token was counted).
+        num_experts: Experts per layer, an integer tensor of shape `(num_layers,)`, or an int when every layer
+            has as many.
     """
 
     router_names: tuple[str, ...]
     tokens_per_expert: torch.Tensor
-    maxvio: torch.Tensor
+    num_experts: torch.Tensor | int
+
+    @functools.cached_property
+    def maxvio(self) -> torch.Tensor:
+        """MaxVio per layer, float32 on the counting device (NaN where no token was counted); computed when first
+        read, so that a training step that nobody reads the metrics of does not pay for them."""
+        return max_violation(self.tokens_per_expert, self.num_experts)
 
     def to_dict(self, prefix: str = "moe/") -> dict[str, float]:
         """Host-side summary: `{prefix}maxvio` (mean over layers) and `{prefix}maxvio_max`. Synchronizes.
@@ -361,10 +372,15 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         for (counter_name, counter), (_, holder), experts in zip(self._hooked, routers, self._experts_per_layer):
             _check_router(counter_name, counter, holder, experts)
         shape = (len(routers), max(b.numel() for b in biases))
-        self._train_counts = torch.zeros(shape, dtype=torch.int64, device=device)
+        # Row `_next_row` of the block counts the current step's training tokens; rows `_unfolded_row` to
+        # `_next_row - 1` hold counts of past updates whose MaxVio is not yet in `_maxvio_sum`.
+        self._next_row = self._unfolded_row = 0
+        self._use_count_block(torch.zeros((UPDATES_PER_COUNT_BLOCK, *shape), dtype=torch.int64, device=device))
         self._eval_counts = torch.zeros(shape, dtype=torch.int64, device=device)
         self._active_counts: torch.Tensor | None = None  # where the current forward of `model` counts
         self._token_mask: torch.Tensor | None = None  # (tokens,) int64 of the current forward, None = all
+        self._routed: list[tuple[int, torch.Tensor]] = []  # (layer, top_k_index) of the current forward
+        self._layer_offsets = self._offsets(device)
         self._mask_position = self._attention_mask_position(model)
         self._warned_mask_shape = False
         self._handles = [
@@ -411,23 +427,37 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         self._token_mask = mask.reshape(-1).to(torch.int64) if is_padding_mask else None
 
     def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._routed:
+            self._count_routed()
         self._active_counts = None
         self._token_mask = None
 
     def _count(self, layer: int, name: str, module: nn.Module, output: Any) -> None:
-        """Add the top-k choices a router returned to the active counts (called by its `_RouterCounter` hook)."""
-        counts = self._active_counts
-        if counts is None:
+        """Keep the top-k choice a router returned, counted with the other layers' when the forward of `model`
+        ends (called by the router's `_RouterCounter` hook)."""
+        if self._active_counts is None:
             return
         if module is not self._hooked[layer][1]:
             self._moved = True
-        index = _top_k_index(name, module, output)
-        if counts.device != index.device:
-            self._move_counts(index.device)
+        self._routed.append((layer, _top_k_index(name, module, output)))
+
+    def _count_routed(self) -> None:
+        """Add the choices the routers made in this forward to the active counts: every layer in one operation."""
+        routed, self._routed = self._routed, []
+        counts = self._active_counts
+        if counts.device != routed[0][1].device:
+            self._move_counts(routed[0][1].device)
             counts = self._active_counts
-        index = index.reshape(index.shape[0], -1).to(torch.int64)
-        weight = self._token_weights(index, name)
-        counts[layer].index_add_(0, index.reshape(-1), weight.reshape(-1))
+        indices = [index if index.dim() == 2 else index.reshape(index.shape[0], -1) for _, index in routed]
+        layers = [layer for layer, _ in routed]
+        if layers == list(range(len(self._layer_offsets))) and all(i.shape == indices[0].shape for i in indices):
+            # the usual forward: each layer once, in order, on the same tokens
+            slots = (torch.stack(indices) + self._layer_offsets).reshape(-1)
+            weights = self._token_weights(indices[0], 0).expand(len(indices), -1, -1)
+            counts.view(-1).index_add_(0, slots, weights.reshape(-1))
+        else:  # a layer routed twice or not at all, or other tokens: one operation per layer
+            for layer, index in zip(layers, indices):
+                counts[layer].index_add_(0, index.reshape(-1), self._token_weights(index, layer).reshape(-1))
         if counts is self._train_counts:
             self._counted = True
 
@@ -436,17 +466,25 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         # copy's hook counts for this same balancer rather than for a copy of it and of the whole model.
         return self
 
-    def _token_weights(self, index: torch.Tensor, name: str) -> torch.Tensor:
+    def _offsets(self, device: torch.device) -> torch.Tensor:
+        """`layer * max_experts` per layer, shape `(num_layers, 1, 1)`: added to the expert numbers of every layer,
+        they give its slot in the flat counts, so that one operation counts all layers."""
+        num_layers, max_experts = self._eval_counts.shape
+        return torch.arange(num_layers, device=device).mul_(max_experts)[:, None, None]
+
+    def _token_weights(self, index: torch.Tensor, layer: int) -> torch.Tensor:
+        """1 for each choice in `index` (tokens, k) of `layer`, 0 for a padding token's (the attention mask, where
+        it has one entry per token; otherwise padding is counted, with a warning); a view, no copy."""
         mask = self._token_mask
         if mask is not None and mask.numel() == index.shape[0]:
             return mask.to(index.device)[:, None].expand_as(index)
         if mask is not None and not self._warned_mask_shape:
             self._warned_mask_shape = True
             logger.warning(
-                f"router {name} saw {index.shape[0]} tokens but the attention mask has {mask.numel()} entries; "
-                "counting every routed token, padding included"
+                f"router {self._hooked[layer][0]} saw {index.shape[0]} tokens but the attention mask has "
+                f"{mask.numel()} entries; counting every routed token, padding included"
             )
-        return torch.ones_like(index)
+        return index.new_ones((), dtype=torch.int64).expand_as(index)
 
     def _move_counts(self, device: torch.device) -> None:
         training = self._active_counts is self._train_counts
@@ -454,7 +492,9 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         def moved(counts: torch.Tensor) -> torch.Tensor:  # counts made on the meta device (from_pretrained) are 0
             return torch.zeros_like(counts, device=device) if counts.is_meta else counts.to(device)
 
-        self._train_counts, self._eval_counts = moved(self._train_counts), moved(self._eval_counts)
+        self._use_count_block(moved(self._count_block))
+        self._eval_counts = moved(self._eval_counts)
+        self._layer_offsets = self._offsets(device)
         self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
         self._active_counts = self._train_counts if training else self._eval_counts
 
@@ -482,7 +522,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         if all(b.device == increments.device and b.dtype == torch.float32 for b in biases) and isinstance(
             self._num_targets, int
         ):  # the common case in one operation (the per-layer loop below costs ~10 us per layer on CPU)
-            torch._foreach_add_([b.view(-1) for b in biases], increments.unbind(0))
+            torch._foreach_add_([b if b.dim() == 1 else b.view(-1) for b in biases], increments.unbind(0))
             return
         for layer, bias in enumerate(biases):
             bias.view(-1).add_(increments[layer, : bias.numel()].to(device=bias.device, dtype=bias.dtype))
@@ -508,20 +548,45 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             self._refresh_routers()
         counts = self._train_counts
         all_reduce_counts(counts, self.process_group)
-        self._add_to_biases(bias_update(counts, self._num_targets, self.update_rule, self.update_rate))
-        metrics = LoadBalanceMetrics(self.router_names, counts, max_violation(counts, self._num_targets))
-        self._train_counts = torch.zeros_like(counts)
+        self._add_to_biases(self._bias_increments(counts))
         self.steps_taken += 1
         self._counted = False
+        self._next_row += 1
+        if self._next_row < UPDATES_PER_COUNT_BLOCK:
+            self._train_counts = self._count_rows[self._next_row]
+        else:  # a fresh block: the rows handed out in metrics stay as they are
+            self._fold_maxvio()
+            self._next_row = self._unfolded_row = 0
+            self._use_count_block(torch.zeros_like(self._count_block))
+        return LoadBalanceMetrics(self.router_names, counts, self._num_targets)
+
+    def _use_count_block(self, block: torch.Tensor) -> None:
+        """Count training tokens in `block`, from its row `_next_row` on (its rows as views, made once)."""
+        self._count_block, self._count_rows = block, block.unbind(0)
+        self._train_counts = self._count_rows[self._next_row]
+
+    def _bias_increments(self, counts: torch.Tensor) -> torch.Tensor:
+        """The increment of every bias for one update from `counts` (see `bias_update`)."""
+        return bias_update(counts, self._num_targets, self.update_rule, self.update_rate)
+
+    def _fold_maxvio(self) -> None:
+        """Add the MaxVio of the updates not yet folded in to the running sums, for all of them at once."""
+        done = self._count_block[self._unfolded_row : self._next_row]
+        self._unfolded_row = self._next_row
+        if not len(done):
+            return
+        maxvio = max_violation(done, self._num_targets)  # (updates, layers)
+        maxvio_sum, routed_steps = maxvio.nan_to_num(0.0).sum(dim=0), (~maxvio.isnan()).sum(dim=0)
         if self._maxvio_sum is None:
-            self._maxvio_sum, self._routed_steps = torch.zeros_like(metrics.maxvio), torch.zeros_like(metrics.maxvio)
-        self._maxvio_sum += metrics.maxvio.nan_to_num(0.0)
-        self._routed_steps += ~metrics.maxvio.isnan()
-        return metrics
+            self._maxvio_sum, self._routed_steps = maxvio_sum, routed_steps
+        else:
+            self._maxvio_sum += maxvio_sum
+            self._routed_steps += routed_steps
 
     def pop_training_maxvio(self) -> torch.Tensor | None:
         """MaxVio per layer averaged over the updates since the last call (NaN for a layer that routed no
         token in any of them), then forgotten; None if no update happened. No synchronization."""
+        self._fold_maxvio()
         if self._maxvio_sum is None:
             return None
         mean = self._maxvio_sum / self._routed_steps
@@ -542,7 +607,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         all_reduce_counts(counts, self.process_group)
         if reset:
             self._eval_counts.zero_()
-        return LoadBalanceMetrics(self.router_names, counts, max_violation(counts, self._num_targets))
+        return LoadBalanceMetrics(self.router_names, counts, self._num_targets)
 
     def reset_eval_counts(self) -> None:
         """Forget the eval-mode tokens counted so far."""
