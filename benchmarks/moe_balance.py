@@ -72,6 +72,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MixtralConfig, MixtralForCausalLM, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging as hf_logging
 
@@ -674,6 +675,9 @@ def throughput_family(model_type: str, args: argparse.Namespace) -> dict:
         profiled = train_steps(model, optimizer, inputs, profile_steps)
     if calls["step"] != profile_steps:
         raise RuntimeError(f"the balancer stepped {calls['step']} times in {profile_steps} optimizer steps")
+    balanced_ops = ops_per_step(model, optimizer, inputs)
+    switch("plain")
+    extra_ops = balanced_ops - ops_per_step(model, optimizer, inputs)
     tokens = args.batch_size * args.seq_len * args.throughput_steps
     step_ms = {name: 1e3 * statistics.median(block) / args.throughput_steps for name, block in times.items()}
     per_step_us = {name: 1e6 * value / profile_steps for name, value in seconds.items()}
@@ -683,8 +687,29 @@ def throughput_family(model_type: str, args: argparse.Namespace) -> dict:
         plain_tps=tokens / statistics.median(times["plain"]),
         balanced_tps=tokens / statistics.median(times["balanced"]),
         step_ms=step_ms, extra_us=1e6 * extra, profiled_ms=1e3 * profiled / profile_steps, us=per_step_us,
-        profile_steps=profile_steps,
+        profile_steps=profile_steps, extra_ops=extra_ops,
     )
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict) -> float:
+    """Tensor operations dispatched per training step, over `UPDATES_PER_COUNT_BLOCK` steps (machine-independent:
+    the balancer's host cost is per operation)."""
+    counter = _OpCounter()
+    with counter:
+        train_steps(model, optimizer, inputs, UPDATES_PER_COUNT_BLOCK)
+    return counter.ops / UPDATES_PER_COUNT_BLOCK
 
 
 def throughput_table_families(args: argparse.Namespace) -> None:
@@ -717,10 +742,12 @@ def throughput_table_families(args: argparse.Namespace) -> None:
           "routing to router copies), `bias_update`, `max_violation` (the training MaxVio, for "
           f"{UPDATES_PER_COUNT_BLOCK} updates at once) and the rest (the biases' `_foreach_add_`, the next row of "
           "counts); against the measured extra time (median over the rounds of balanced - plain block time, per "
-          "step)\n")
+          "step); and the tensor operations the balanced step adds (counted over a block of "
+          f"{UPDATES_PER_COUNT_BLOCK} steps, balanced minus plain: what the host cost is made of, on any machine)\n")
     print("| family | plain step ms | balanced step ms | measured extra us | counting us | step() us | find_routers us "
-          "| bias_update us | max_violation us | rest of step() us | counting + step() % of the step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| bias_update us | max_violation us | rest of step() us | counting + step() % of the step "
+          "| tensor ops added per step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         us, plain_ms, balanced_ms = collections.Counter(r["us"]), r["step_ms"]["plain"], r["step_ms"]["balanced"]
         rest = us["step"] - us["find_routers"] - us["bias_update"] - us["max_violation"]
@@ -728,7 +755,7 @@ def throughput_table_families(args: argparse.Namespace) -> None:
         share = 100 * (counting + us["step"]) / (1e3 * r["profiled_ms"])
         print(f"| {r['family']} | {plain_ms:.2f} | {balanced_ms:.2f} | {r['extra_us']:.0f} "
               f"| {counting:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['bias_update']:.0f} "
-              f"| {us['max_violation']:.0f} | {rest:.0f} | {share:.1f} |")
+              f"| {us['max_violation']:.0f} | {rest:.0f} | {share:.1f} | {r['extra_ops']:.1f} |")
     slow = [r for r in results if round(r["median"], 3) < 0.99]
     if slow:
         print(f"\nbelow 0.99: {', '.join(r['family'] for r in slow)}; see the profile table (the balancer's work is "
