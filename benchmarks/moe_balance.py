@@ -759,7 +759,8 @@ def throughput_table_families(args: argparse.Namespace) -> None:
     slow = [r for r in results if round(r["median"], 3) < 0.99]
     if slow:
         print(f"\nbelow 0.99: {', '.join(r['family'] for r in slow)}; see the profile table (the balancer's work is "
-              "a fixed host-side cost per step and per MoE layer, so its share falls as the step grows)")
+              "a fixed host-side cost per step, a few tensor operations whatever the depth, so its share falls as "
+              "the step grows)")
 
 
 def families_tables(args: argparse.Namespace) -> None:
