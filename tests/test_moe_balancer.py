@@ -93,6 +93,21 @@ def test_counts_accumulate_over_micro_batches_until_step():
     assert balancer.tokens_per_expert.sum() == 0
 
 
+class UnevenMoe(ScriptedMoe):
+    """Layer 0 routes every token twice, layer 1 only the first half of them."""
+
+    def forward(self, choices, attention_mask=None):
+        out = sum(self.routers[0](choices[:, :, 0, :])[1].sum() for _ in range(2))
+        return (out + self.routers[1](choices[:, : choices.shape[1] // 2, 1, :])[1].sum()) * self.scale
+
+
+def test_layers_routed_twice_or_on_other_tokens_are_counted_one_by_one():
+    model = UnevenMoe()
+    balancer = LossFreeBalancer(model)
+    model(choices_from_loads([[2, 1, 1, 0], [1, 1, 1, 1]])).backward()  # layer 1's first token chose experts 0, 1
+    assert balancer.tokens_per_expert.tolist() == [[4, 2, 2, 0], [1, 1, 0, 0]]
+
+
 @pytest.mark.parametrize("rule", ["rms", "linear"])
 def test_rms_and_linear_rules_match_their_formulas(rule):
     model = ScriptedMoe(num_experts=(4, 6))

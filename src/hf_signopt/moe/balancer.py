@@ -450,13 +450,15 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             counts = self._active_counts
         indices = [index if index.dim() == 2 else index.reshape(index.shape[0], -1) for _, index in routed]
         layers = [layer for layer, _ in routed]
-        if layers == list(range(len(self._layer_offsets))) and all(i.shape == indices[0].shape for i in indices):
-            # the usual forward: each layer once, in order, on the same tokens
+        if layers == list(range(len(self._layer_offsets))) and all(
+            i.shape == indices[0].shape and i.device == counts.device for i in indices
+        ):  # the usual forward: each layer once, in order, on the same tokens and device
             slots = (torch.stack(indices) + self._layer_offsets).reshape(-1)
             weights = self._token_weights(indices[0], 0).expand(len(indices), -1, -1)
             counts.view(-1).index_add_(0, slots, weights.reshape(-1))
-        else:  # a layer routed twice or not at all, or other tokens: one operation per layer
+        else:  # a layer routed twice or not at all, other tokens, layers on other devices: one operation per layer
             for layer, index in zip(layers, indices):
+                index = index.to(counts.device)
                 counts[layer].index_add_(0, index.reshape(-1), self._token_weights(index, layer).reshape(-1))
         if counts is self._train_counts:
             self._counted = True
