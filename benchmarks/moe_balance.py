@@ -46,10 +46,10 @@ by `benchmarks/moe_families.py` (hidden 32, 2 layers, random weights) with `--ex
 - throughput: for `--throughput-families`, forward + backward + optimizer step (`--optimizer`) of one model,
   timed in interleaved blocks balanced by `enable_balancing` (the bias update follows the optimizer step) and
   plain (`disable_balancing`): the same weights in the same memory (ratio = plain time / balanced time, target
-  >= 0.99); then a profile: the balancer's functions timed inside balanced training steps. The balancer's cost
-  is host work per step and per MoE layer, not per token: a few small tensor operations in `step()` (the
-  training MaxVio of `UPDATES_PER_COUNT_BLOCK` updates is computed at once) and a few per layer in the
-  counting hooks.
+  >= 0.99); then a profile: the balancer's functions timed inside balanced training steps, and the tensor
+  operations a balanced step adds. The balancer's cost is host work per step, not per token or per MoE layer:
+  a few small tensor operations in `step()` (the training MaxVio of `UPDATES_PER_COUNT_BLOCK` updates is
+  computed at once) and one count of every layer's choices at the end of each forward.
 
     python benchmarks/moe_balance.py --families                          # about 3 minutes on 2 busy CPU cores
     python benchmarks/moe_balance.py --families --skip-throughput --bias-updates 1000 --only flex_olmo kolibri1
