@@ -5,8 +5,9 @@ Each optimizer trains the main job's model (a small `lossfree_moe` with loss-fre
 initial weights, the same blocks in the same order, each run in `<output_dir>/<optimizer>/` (weights and metrics;
 checkpoints only if asked, e.g. `--save_strategy steps`). The recipe prints, and writes to `comparison.md` /
 `comparison.json`, a table of final train and eval loss, step time, optimizer-state memory and MaxVio_global, and
-draws every run's training loss in `loss_curves.png`. Each optimizer trains at its own `TUNED_SETTINGS` (learning rate
-and weight decay), or all at `--learning_rate` and `--weight_decay` with `--shared_settings`.
+draws every run's training loss in `loss_curves.png`. Each optimizer trains at its own `TUNED_SETTINGS` (learning rate,
+weight decay and, for Simba, its `ema` variant), or all at `--learning_rate` and `--weight_decay` with
+`--shared_settings`.
 
 A sweep (`--sweep`, `--grid` or `--seeds`) trains each optimizer over a grid of settings, each with every seed,
 in `<output_dir>/<optimizer>/<setting>/seed<seed>/`. `--grid "lion:learning_rate=1e-4,3e-4;weight_decay=0.1,1.0"`
@@ -69,6 +70,7 @@ from recipe_utils import (
 from transformers import Trainer, TrainingArguments
 
 from hf_signopt import SIGN_OPTIMIZERS
+from hf_signopt.integrations import split_optim_args
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +96,13 @@ TUNED_SETTINGS: dict[str, dict[str, float]] = {
     "signum": {"learning_rate": 2e-3, "weight_decay": 0.1},
     "signsgd": {"learning_rate": 1e-3, "weight_decay": 0.1},
     "signmomentum": {"learning_rate": 2e-3, "weight_decay": 0.1},
-    "simba": {"learning_rate": 2e-3, "weight_decay": 0.1},
+    "simba": {"learning_rate": 2e-3, "weight_decay": 0.1, "momentum": "ema"},
 }
-"""Each optimizer's learning rate and weight decay where the 500-step sweep of the main job found its lowest eval loss
-(README, "Choosing a sign optimizer's settings": one seed, two rates per optimizer). A comparison or sweep starts
-every optimizer from these, unless `--shared_settings` gives them all `--learning_rate` and `--weight_decay`;
-`--learning_rates` overrides the rates."""
+"""Each optimizer's settings where the 500-step sweep of the main job found its lowest eval loss (README, "Choosing a
+sign optimizer's settings": one seed, two rates per optimizer; Simba's `ema` variant, 4.44 against 4.86 with its
+sign counts). A key is one a `--grid` takes. A comparison or sweep starts every optimizer from these, unless
+`--shared_settings` gives them all `--learning_rate` and `--weight_decay` alone; `--learning_rates` overrides the
+rates."""
 
 COLLAPSE_MAXVIO = 1.0
 """A run whose MaxVio_global exceeds this is marked `collapsed`: on average over the layers, the busiest expert takes
@@ -109,6 +112,7 @@ COLUMNS = {
     "optimizer": "optimizer",
     "learning_rate": "lr",
     "weight_decay": "weight decay",
+    "optim_args": "optim_args",
     "train_loss": "train loss (run mean)",
     "eval_loss": "eval loss",
     "step_seconds": "step time (s)",
@@ -274,6 +278,7 @@ def run_metrics(args: TrainingArguments, result: Mapping[str, Any]) -> dict[str,
     return {
         "learning_rate": args.learning_rate,
         "weight_decay": args.weight_decay,
+        "optim_args": args.optim_args or "",
         "train_loss": train["train_loss"],
         "eval_loss": evaluation["eval_loss"],
         "step_seconds": train["train_runtime"] / args.max_steps,
@@ -338,10 +343,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[str, 
 
 
 def starting_settings(comparison: ComparisonArguments, training_args: TrainingArguments) -> dict[str, dict[str, Any]]:
-    """Each optimizer's learning rate and weight decay before any grid: its `TUNED_SETTINGS` (the arguments' for an
-    optimizer without, or for all with `--shared_settings`), the rate replaced by its `--learning_rates` value."""
+    """Each optimizer's settings before any grid: its `TUNED_SETTINGS` (the arguments' learning rate and weight decay
+    for an optimizer without, or for all with `--shared_settings`) less the keys `--optim_args` gives, the rate
+    replaced by its `--learning_rates` value."""
     shared = {"learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay}
-    settings = {optim: dict(shared if comparison.shared_settings else TUNED_SETTINGS.get(optim, shared))
+    given = split_optim_args(training_args.optim_args)
+    settings = {optim: {key: value for key, value in (shared if comparison.shared_settings else
+                                                      TUNED_SETTINGS.get(optim, shared)).items() if key not in given}
                 for optim in comparison.optimizers}
     for optim, rate in zip(comparison.optimizers, comparison.learning_rates or []):
         settings[optim]["learning_rate"] = rate
@@ -351,13 +359,15 @@ def starting_settings(comparison: ComparisonArguments, training_args: TrainingAr
 def compare(settings: Mapping[str, Mapping[str, Any]], model_args: pretrain_moe.ModelArguments,
             data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> list[dict[str, Any]]:
     """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
-    runs = comparison_runs(training_args, run_args,
-                           {optim: {"optim": optim, **setting} for optim, setting in settings.items()})
+    changes = {optim: run_arguments({"optimizer": optim, "seed": training_args.seed, "setting": setting},
+                                    training_args.optim_args) for optim, setting in settings.items()}
+    runs = comparison_runs(training_args, run_args, {optim: training for optim, (training, _) in changes.items()})
     with removed_on_failure(training_args.output_dir):
         rows, curves = [], {}
         for optim, args in runs.items():
             with removed_on_failure(args.output_dir):
-                result = pretrain_moe.pretrain(model_args, data_args, args, run_args)
+                result = pretrain_moe.pretrain(dataclasses.replace(model_args, **changes[optim][1]), data_args, args,
+                                               run_args)
             rows.append({"optimizer": optim, **run_metrics(args, result)})
             curves[optim] = series(result["log_history"], "loss")
         for row in rows:

@@ -296,3 +296,7 @@ def test_each_optimizer_starts_from_its_tuned_settings(tmp_path):
     assert settings("--optimizers", "lion", "--shared_settings") == {"lion": shared}
     assert settings("--optimizers", "adafactor") == {"adafactor": shared}  # not tuned: the arguments' own
     assert tuned["lion"]["learning_rate"] != 7e-4  # the table is not the arguments
+    # A tuned optim_args key (Simba's ema variant) gives way to the same key in --optim_args.
+    assert settings("--optimizers", "simba")["simba"]["momentum"] == "ema"
+    assert settings("--optimizers", "simba", "--optim_args", "momentum=counts") == {
+        "simba": {key: value for key, value in tuned["simba"].items() if key != "momentum"}}
