@@ -90,7 +90,7 @@ DEFAULT_GRID = {
 }
 """`--sweep`'s grid of each optimizer without a `--grid` of its own: 4 learning rates x 2 weight decays."""
 
-TUNED_SETTINGS: dict[str, dict[str, float]] = {
+TUNED_SETTINGS: dict[str, dict[str, Any]] = {
     "adamw_torch": {"learning_rate": 2e-3, "weight_decay": 0.1},
     "lion": {"learning_rate": 1e-3, "weight_decay": 1.0},
     "signum": {"learning_rate": 2e-3, "weight_decay": 0.1},
