@@ -272,6 +272,16 @@ def run_arguments(run: Mapping[str, Any], optim_args: str | None) -> tuple[dict[
     return {**training, "optim_args": ",".join(filter(None, entries)) or None}, model
 
 
+def planned_arguments(runs: Mapping[str, Mapping[str, Any]], model_args: pretrain_moe.ModelArguments,
+                      training_args: TrainingArguments, run_args: RunArguments,
+                      ) -> dict[str, tuple[TrainingArguments, pretrain_moe.ModelArguments]]:
+    """Each planned run's `TrainingArguments` (in `<output_dir>/<name>/`, from `comparison_runs`) and
+    `ModelArguments`, its setting applied by `run_arguments`, all built before anything trains."""
+    changes = {name: run_arguments(run, training_args.optim_args) for name, run in runs.items()}
+    training = comparison_runs(training_args, run_args, {name: change for name, (change, _) in changes.items()})
+    return {name: (training[name], dataclasses.replace(model_args, **model)) for name, (_, model) in changes.items()}
+
+
 def run_metrics(args: TrainingArguments, result: Mapping[str, Any]) -> dict[str, Any]:
     """A run's row from `pretrain_moe.pretrain`'s result: losses, step time, optimizer state and MaxVio_global."""
     train, evaluation = result["train"], result["eval"]
@@ -347,10 +357,11 @@ def starting_settings(comparison: ComparisonArguments, training_args: TrainingAr
     for an optimizer without, or for all with `--shared_settings`) less the keys `--optim_args` gives, the rate
     replaced by its `--learning_rates` value."""
     shared = {"learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay}
+    tuned = {optim: shared if comparison.shared_settings else TUNED_SETTINGS.get(optim, shared)
+             for optim in comparison.optimizers}
     given = split_optim_args(training_args.optim_args)
-    settings = {optim: {key: value for key, value in (shared if comparison.shared_settings else
-                                                      TUNED_SETTINGS.get(optim, shared)).items() if key not in given}
-                for optim in comparison.optimizers}
+    settings = {optim: {key: value for key, value in setting.items() if key not in given}
+                for optim, setting in tuned.items()}
     for optim, rate in zip(comparison.optimizers, comparison.learning_rates or []):
         settings[optim]["learning_rate"] = rate
     return settings
@@ -359,15 +370,13 @@ def starting_settings(comparison: ComparisonArguments, training_args: TrainingAr
 def compare(settings: Mapping[str, Mapping[str, Any]], model_args: pretrain_moe.ModelArguments,
             data_args: DataArguments, training_args: TrainingArguments, run_args: RunArguments) -> list[dict[str, Any]]:
     """Trains once per optimizer, prints and writes the table, draws the loss curves; returns the rows."""
-    changes = {optim: run_arguments({"optimizer": optim, "seed": training_args.seed, "setting": setting},
-                                    training_args.optim_args) for optim, setting in settings.items()}
-    runs = comparison_runs(training_args, run_args, {optim: training for optim, (training, _) in changes.items()})
+    runs = planned_arguments({optim: {"optimizer": optim, "seed": training_args.seed, "setting": setting}
+                              for optim, setting in settings.items()}, model_args, training_args, run_args)
     with removed_on_failure(training_args.output_dir):
         rows, curves = [], {}
-        for optim, args in runs.items():
+        for optim, (args, run_model_args) in runs.items():
             with removed_on_failure(args.output_dir):
-                result = pretrain_moe.pretrain(dataclasses.replace(model_args, **changes[optim][1]), data_args, args,
-                                               run_args)
+                result = pretrain_moe.pretrain(run_model_args, data_args, args, run_args)
             rows.append({"optimizer": optim, **run_metrics(args, result)})
             curves[optim] = series(result["log_history"], "loss")
         for row in rows:
@@ -401,9 +410,8 @@ def sweep(comparison: ComparisonArguments, settings: Mapping[str, Mapping[str, A
              for optim in comparison.optimizers}
     seeds = comparison.seeds or [training_args.seed]
     plan = sweep_plan(grids, settings, seeds)
-    changes = {run["run"]: run_arguments(run, training_args.optim_args) for run in plan}
-    runs = comparison_runs(training_args, run_args, {name: training for name, (training, _) in changes.items()})
-    for args in runs.values():  # a bad optim_args key or value fails now, not after hours of training
+    runs = planned_arguments({run["run"]: run for run in plan}, model_args, training_args, run_args)
+    for args, _ in runs.values():  # a bad optim_args key or value fails now, not after hours of training
         Trainer.get_optimizer_cls_and_kwargs(args)
     logger.info("Sweep: %d runs of %d steps (%d settings x %d seed(s)) into %s", len(plan), training_args.max_steps,
                 len(plan) // len(seeds), len(seeds), training_args.output_dir)
@@ -411,15 +419,14 @@ def sweep(comparison: ComparisonArguments, settings: Mapping[str, Mapping[str, A
     rows, started = [], time.monotonic()
     with removed_on_failure(training_args.output_dir):
         for index, run in enumerate(plan, 1):
-            args = runs[run["run"]]
+            args, run_model_args = runs[run["run"]]
             finished = Path(args.output_dir) / FINISHED_RUN
             if training_args.resume_from_checkpoint == "last" and finished.is_file():
                 rows.append(json.loads(finished.read_text(encoding="utf-8")))  # done before the sweep was stopped
                 logger.info("Sweep run %d/%d %s: finished before, not trained again", index, len(plan), run["run"])
                 continue
             with removed_on_failure(args.output_dir):
-                result = pretrain_moe.pretrain(dataclasses.replace(model_args, **changes[run["run"]][1]), data_args,
-                                               args, run_args)
+                result = pretrain_moe.pretrain(run_model_args, data_args, args, run_args)
             row = {**run, **run_metrics(args, result)}
             row["status"] = run_status(row["eval_loss"], series(result["log_history"], "loss")[1],
                                        row["maxvio_global"], comparison.collapse_maxvio)
