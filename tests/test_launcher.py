@@ -94,6 +94,21 @@ def test_accelerate_launch(tmp_path, script):
     _check_simba_run(_result(_run(command, cwd=tmp_path)), output_dir)
 
 
+@pytest.mark.multiprocess
+def test_torchrun_ddp_runs_an_unmodified_script_and_leaves_cleanly(tmp_path, script):
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+               "-m", "hf_signopt.run", str(script), "--output_dir", str(output_dir), *SIMBA_ARGS,
+               "--ddp_backend", "gloo"]
+    completed = _run(command, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 2, completed.stdout[-3000:]  # one per rank
+    for line in lines:
+        _check_simba_run(json.loads(line[len("RESULT "):]), output_dir)
+
+
 PROBE = (
     "import sys\n"
     "from transformers.training_args import OptimizerNames\n"
@@ -122,6 +137,18 @@ def test_module_gets_its_argv_and_runs_as_main(tmp_path, capsys, isolated_sys):
     main(["-m", "probe_module", "--optim", "signsgd"])
     argv = [str(tmp_path / "probe_module.py"), "--optim", "signsgd"]  # like `python -m probe_module`
     assert capsys.readouterr().out.strip() == f"__main__ {argv} signsgd"
+
+
+def test_process_group_left_by_the_script_is_freed(tmp_path, isolated_sys):
+    import torch.distributed as dist
+
+    script = tmp_path / "distributed.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method={(tmp_path / 'rendezvous').as_uri()!r}, rank=0, world_size=1)\n"
+    )
+    main([str(script)])
+    assert not dist.is_initialized()
 
 
 def test_script_exit_status_propagates(tmp_path, isolated_sys):

@@ -9,7 +9,10 @@ Usage::
 
 The launcher imports `hf_signopt` (which registers `lion`, `signum`, `signsgd`, `signmomentum` and `simba` as
 `TrainingArguments(optim=...)` names) and then runs the script as `__main__` with `sys.argv` set to the
-script and its own arguments, exactly as `python SCRIPT.py ARGS...` would.
+script and its own arguments, exactly as `python SCRIPT.py ARGS...` would. When the script returns and left a
+`torch.distributed` process group initialized (a `Trainer` under `torchrun` or `accelerate launch` does), every rank
+meets at a barrier and frees it, so that no rank exits while gloo's threads still run (which can abort it with
+"terminate called without an active exception" after a successful run).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        _leave_process_group()
         return
 
     script = argv[0]
@@ -61,6 +65,16 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Free the default process group the script left initialized, once every rank got here."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
