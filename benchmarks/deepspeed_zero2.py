@@ -149,6 +149,7 @@ def train(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
     import hf_signopt  # noqa: F401  (registers the optim names)
+    from hf_signopt.run import end_processes
 
     output_dir = args.output_dir or DEFAULT_OUTPUT / args.optim / args.engine
     set_seed(args.seed)
@@ -228,11 +229,7 @@ def train(args: argparse.Namespace) -> None:
         (output_dir / "losses.json").write_text(json.dumps(result, indent=2))
         torch.save(params, output_dir / "params.pt")
         print(json.dumps({k: v for k, v in result.items() if k not in ("loss", "grad_norm", "steps")}))
-    if dist.is_initialized():
-        # Every rank leaves together and frees its process group: a rank that exits with gloo's threads still
-        # running can abort ("terminate called without an active exception", seen once in about 30 runs).
-        dist.barrier()
-        dist.destroy_process_group()
+    end_processes()  # without it a DDP rank once aborted at exit ("terminate called without an active exception")
 
 
 # ------------------------------------------------------------------------------------------ the --compare driver

@@ -22,13 +22,14 @@ from typing import Any
 import pretrain_moe
 from recipe_utils import (
     comparison_runs,
-    end_processes,
     markdown_table,
     parse_arguments,
     plot_expert_load,
     removed_on_failure,
     setup_logging,
 )
+
+from hf_signopt.run import end_processes
 
 DEFAULTS = {
     **pretrain_moe.DEFAULTS,

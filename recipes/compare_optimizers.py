@@ -58,7 +58,6 @@ from recipe_utils import (
     DataArguments,
     RunArguments,
     comparison_runs,
-    end_processes,
     markdown_table,
     parse_arguments,
     plot_curves,
@@ -71,6 +70,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_signopt import SIGN_OPTIMIZERS
 from hf_signopt.integrations import split_optim_args
+from hf_signopt.run import end_processes
 
 logger = logging.getLogger(__name__)
 

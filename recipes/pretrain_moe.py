@@ -28,7 +28,6 @@ from recipe_utils import (
     TRAINING_DEFAULTS,
     DataArguments,
     RunArguments,
-    end_processes,
     generate_sample,
     load_text,
     log_start,
@@ -56,6 +55,7 @@ from transformers import (
 
 import hf_signopt  # noqa: F401  (registers the optimizers and the lossfree_moe model type)
 from hf_signopt import LossFreeBalanceCallback, LossFreeMoeConfig
+from hf_signopt.run import end_processes
 
 logger = logging.getLogger(__name__)
 

@@ -460,10 +460,3 @@ def write_model_card(trainer: Any, *, recipe: str, dataset: str, metrics: Mappin
         metrics=fmt(metrics), training=fmt(training), optimizer_hyperparameters=fmt(hyperparameters),
     )
     card.save(str(Path(args.output_dir) / "README.md"))
-
-
-def end_processes() -> None:
-    """At the end of a script: every process leaves together, then the process group is freed."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ import runpy
 import sys
 
 
-__all__ = ["main"]
+__all__ = ["end_processes", "main"]
 
 _USAGE = (
     "usage: python -m hf_signopt.run SCRIPT.py [ARGS...]\n"
@@ -55,21 +55,20 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        _leave_process_group()
-        return
-
-    script = argv[0]
-    if not os.path.isfile(script):
-        print(f"hf_signopt.run: no such script: {script!r}\n{_USAGE}", file=sys.stderr)
-        raise SystemExit(2)
-    sys.argv = [script, *argv[1:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
-    _leave_process_group()
+    else:
+        script = argv[0]
+        if not os.path.isfile(script):
+            print(f"hf_signopt.run: no such script: {script!r}\n{_USAGE}", file=sys.stderr)
+            raise SystemExit(2)
+        sys.argv = [script, *argv[1:]]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+    end_processes()
 
 
-def _leave_process_group() -> None:
-    """Free the default process group the script left initialized, once every rank got here."""
+def end_processes() -> None:
+    """At the end of a script: every process meets at a barrier, then frees the default process group, if one is
+    initialized (a rank that exits with gloo's threads still running can abort). Call it on every rank."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
