@@ -43,6 +43,7 @@ Usage:
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import logging
@@ -90,19 +91,23 @@ DEFAULT_GRID = {
 }
 """`--sweep`'s grid of each optimizer without a `--grid` of its own: 4 learning rates x 2 weight decays."""
 
+def constructor_settings(optim: str) -> dict[str, Any]:
+    """The learning rate and weight decay an hf_signopt optimizer's constructor defaults to."""
+    parameters = inspect.signature(SIGN_OPTIMIZERS[optim][0]).parameters
+    return {"learning_rate": parameters["lr"].default, "weight_decay": parameters["weight_decay"].default}
+
+
 TUNED_SETTINGS: dict[str, dict[str, Any]] = {
     "adamw_torch": {"learning_rate": 2e-3, "weight_decay": 0.1},
-    "lion": {"learning_rate": 1e-3, "weight_decay": 1.0},
-    "signum": {"learning_rate": 2e-3, "weight_decay": 0.1},
-    "signsgd": {"learning_rate": 1e-3, "weight_decay": 0.1},
-    "signmomentum": {"learning_rate": 2e-3, "weight_decay": 0.1},
-    "simba": {"learning_rate": 2e-3, "weight_decay": 0.1, "momentum": "ema"},
+    **{name: constructor_settings(name) for name in SIGN_OPTIMIZERS},
+    "signsgd": {**constructor_settings("signsgd"), "learning_rate": 1e-3},
+    "simba": {**constructor_settings("simba"), "momentum": "ema"},
 }
 """Each optimizer's settings where the 500-step sweep of the main job found its lowest eval loss (README, "Choosing a
-sign optimizer's settings": one seed, two rates per optimizer; Simba's `ema` variant, 4.44 against 4.86 with its
-sign counts). A key is one a `--grid` takes. A comparison or sweep starts every optimizer from these, unless
-`--shared_settings` gives them all `--learning_rate` and `--weight_decay` alone; `--learning_rates` overrides the
-rates."""
+sign optimizer's settings": two rates per optimizer). hf_signopt's optimizers default to them, except signSGD
+(Signum's class, whose rate is Signum's) and Simba's `ema` variant (4.44 against 4.86 with its sign counts). A key is
+one a `--grid` takes. A comparison or sweep starts every optimizer from these, unless `--shared_settings` gives them
+all `--learning_rate` and `--weight_decay` alone; `--learning_rates` overrides the rates."""
 
 COLLAPSE_MAXVIO = 1.0
 """A run whose MaxVio_global exceeds this is marked `collapsed`: on average over the layers, the busiest expert takes

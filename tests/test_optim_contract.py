@@ -65,7 +65,7 @@ def test_bad_tensor_lr_is_refused(cls, lr):
 def test_schedulers_set_each_groups_lr():
     """Signum without decay moves every element by exactly the group's lr: the scheduler's lr is the step."""
     a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
-    opt = Signum([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.25, momentum=0.0)
+    opt = Signum([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.25, momentum=0.0, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for step in range(3):
         before = a.detach().clone(), b.detach().clone()

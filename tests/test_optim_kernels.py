@@ -30,7 +30,7 @@ def test_no_compiler_falls_back_to_foreach(fresh_kernels, monkeypatch):
 
     p = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
     p.grad = torch.tensor([2.0, -3.0])
-    Lion([p], lr=0.5).step()
+    Lion([p], lr=0.5, weight_decay=0.0).step()
     assert p.tolist() == [0.5, -0.5]
 
     q = torch.nn.Parameter(torch.zeros(2))

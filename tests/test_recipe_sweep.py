@@ -296,6 +296,15 @@ def test_each_optimizer_starts_from_its_tuned_settings(tmp_path):
     assert settings("--optimizers", "lion", "--shared_settings") == {"lion": shared}
     assert settings("--optimizers", "adafactor") == {"adafactor": shared}  # not tuned: the arguments' own
     assert tuned["lion"]["learning_rate"] != 7e-4  # the table is not the arguments
+    # The 500-step sweep's winners (README), which hf_signopt's constructors default to (but signSGD's rate).
+    assert tuned == {
+        "adamw_torch": {"learning_rate": 2e-3, "weight_decay": 0.1},
+        "lion": {"learning_rate": 1e-3, "weight_decay": 1.0},
+        "signum": {"learning_rate": 2e-3, "weight_decay": 0.1},
+        "signsgd": {"learning_rate": 1e-3, "weight_decay": 0.1},
+        "signmomentum": {"learning_rate": 2e-3, "weight_decay": 0.1},
+        "simba": {"learning_rate": 2e-3, "weight_decay": 0.1, "momentum": "ema"},
+    }
     # A tuned optim_args key (Simba's ema variant) gives way to the same key in --optim_args.
     assert settings("--optimizers", "simba")["simba"]["momentum"] == "ema"
     assert settings("--optimizers", "simba", "--optim_args", "momentum=counts") == {

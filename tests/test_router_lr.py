@@ -32,7 +32,7 @@ def test_groups_put_the_router_weights_apart_at_the_ratio():
 def test_plain_loop_moves_routers_by_the_smaller_rate():
     model = tiny_moe()
     optimizer = hf_signopt.Signum(hf_signopt.router_param_groups(model.parameters(), model, 0.1, lr=1e-2), lr=1e-2,
-                                  momentum=0.0)
+                                  momentum=0.0, weight_decay=0.0)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -33,9 +33,9 @@ class Lion(SignOptimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1e-4,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
+        weight_decay: float = 1.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,

@@ -48,9 +48,9 @@ class Signum(MomentumSignOptimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1e-4,
+        lr: float | torch.Tensor = 2e-3,
         momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         *,
         majority_vote: bool = False,
         process_group: dist.ProcessGroup | None = None,

@@ -53,10 +53,10 @@ class Simba(SignOptimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1e-4,
+        lr: float | torch.Tensor = 2e-3,
         window_size: int = 128,
         threshold: float = 0.1,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         momentum: Literal["counts", "ema"] = "counts",
         beta: float = 0.99,
         *,
