@@ -381,6 +381,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         self._token_mask: torch.Tensor | None = None  # (tokens,) int64 of the current forward, None = all
         self._routed: list[tuple[int, torch.Tensor]] = []  # (layer, top_k_index) of the current forward
         self._layer_offsets = self._offsets(device)
+        self._one = torch.ones((), dtype=torch.int64, device=device)  # expanded: the weight of each choice
         self._mask_position = self._attention_mask_position(model)
         self._warned_mask_shape = False
         self._handles = [
@@ -453,13 +454,12 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         if layers == list(range(len(self._layer_offsets))) and all(
             i.shape == indices[0].shape and i.device == counts.device for i in indices
         ):  # the usual forward: each layer once, in order, on the same tokens and device
-            slots = (torch.stack(indices) + self._layer_offsets).reshape(-1)
-            weights = self._token_weights(indices[0], 0).expand(len(indices), -1, -1)
-            counts.view(-1).index_add_(0, slots, weights.reshape(-1))
+            slots = (torch.stack(indices) + self._layer_offsets).view(-1)
+            counts.view(-1).index_add_(0, slots, self._token_weights(indices[0], 0, repeats=len(indices)))
         else:  # a layer routed twice or not at all, other tokens, layers on other devices: one operation per layer
             for layer, index in zip(layers, indices):
                 index = index.to(counts.device)
-                counts[layer].index_add_(0, index.reshape(-1), self._token_weights(index, layer).reshape(-1))
+                counts[layer].index_add_(0, index.reshape(-1), self._token_weights(index, layer))
         if counts is self._train_counts:
             self._counted = True
 
@@ -474,19 +474,20 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         num_layers, max_experts = self._eval_counts.shape
         return torch.arange(num_layers, device=device).mul_(max_experts)[:, None, None]
 
-    def _token_weights(self, index: torch.Tensor, layer: int) -> torch.Tensor:
+    def _token_weights(self, index: torch.Tensor, layer: int, repeats: int = 1) -> torch.Tensor:
         """1 for each choice in `index` (tokens, k) of `layer`, 0 for a padding token's (the attention mask, where
-        it has one entry per token; otherwise padding is counted, with a warning); a view, no copy."""
+        it has one entry per token; otherwise padding is counted, with a warning), flattened and repeated
+        `repeats` times (for that many layers routing the same tokens); without a mask a view of one element."""
         mask = self._token_mask
         if mask is not None and mask.numel() == index.shape[0]:
-            return mask.to(index.device)[:, None].expand_as(index)
+            return mask.to(index.device)[None, :, None].expand(repeats, -1, index.shape[1]).reshape(-1)
         if mask is not None and not self._warned_mask_shape:
             self._warned_mask_shape = True
             logger.warning(
                 f"router {self._hooked[layer][0]} saw {index.shape[0]} tokens but the attention mask has "
                 f"{mask.numel()} entries; counting every routed token, padding included"
             )
-        return index.new_ones((), dtype=torch.int64).expand_as(index)
+        return self._one.expand(repeats * index.numel())
 
     def _move_counts(self, device: torch.device) -> None:
         training = self._active_counts is self._train_counts
@@ -497,6 +498,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         self._use_count_block(moved(self._count_block))
         self._eval_counts = moved(self._eval_counts)
         self._layer_offsets = self._offsets(device)
+        self._one = torch.ones((), dtype=torch.int64, device=device)
         self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
         self._active_counts = self._train_counts if training else self._eval_counts
 
