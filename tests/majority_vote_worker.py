@@ -73,7 +73,7 @@ def hook_case(rank: int, world: int, dtype: torch.dtype, adversary: int | None) 
 
     model = DistributedDataParallel(net, bucket_cap_mb=0.001)  # about 250 float32 elements per bucket
     model.register_comm_hook(None, hook)
-    optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.0)
+    optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.0, weight_decay=0.0)
     record = {"voted": [], "all": [], "params": None}
     for step in range(STEPS):
         x = batch(rank, step, dtype)
@@ -93,14 +93,16 @@ def signum_case(rank: int, world: int, resume: bool) -> dict:
     torch.manual_seed(0)
     net = Net().double()
     model = DistributedDataParallel(net)
-    optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.9, majority_vote=True, foreach=True)
+    optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.0, majority_vote=True,
+                       foreach=True)
     enable_majority_vote(model, optimizer)
     record = {"hooks": [hook.__name__ for hook, _ in model._comm_hooks], "all": [], "params": [],
               "initial": [p.detach().clone() for p in net.parameters()]}
     for step in range(STEPS):
         if resume and step == STEPS // 2:
             saved = optimizer.state_dict()
-            optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.9, majority_vote=True, foreach=True)
+            optimizer = Signum(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.0, majority_vote=True,
+                               foreach=True)
             optimizer.load_state_dict(saved)
         x = batch(rank, step, torch.float64)
         optimizer.zero_grad()

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = textwrap.dedent(
     """
     import json
+    import os
     import sys
 
     import torch
@@ -34,10 +35,14 @@ TRAIN_SCRIPT = textwrap.dedent(
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     group = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
-    print("RESULT " + json.dumps({
+    result = "RESULT " + json.dumps({
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "group": group, "steps": trainer.state.global_step, "argv": sys.argv[1:3], "name": __name__,
-    }))
+    }) + "\\n"
+    # One write of under PIPE_BUF bytes: under torchrun the ranks share this pipe, and a single such write to a
+    # pipe is atomic, so the ranks' lines cannot interleave (print may split a line across writes).
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), result.encode())
     """
 )
 
