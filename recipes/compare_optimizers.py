@@ -91,6 +91,7 @@ DEFAULT_GRID = {
 }
 """`--sweep`'s grid of each optimizer without a `--grid` of its own: 4 learning rates x 2 weight decays."""
 
+
 def constructor_settings(optim: str) -> dict[str, Any]:
     """The learning rate and weight decay an hf_signopt optimizer's constructor defaults to."""
     parameters = inspect.signature(SIGN_OPTIMIZERS[optim][0]).parameters
@@ -105,9 +106,10 @@ TUNED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 """Each optimizer's settings where the 500-step sweep of the main job found its lowest eval loss (README, "Choosing a
 sign optimizer's settings": two rates per optimizer). hf_signopt's optimizers default to them, except signSGD
-(Signum's class, whose rate is Signum's) and Simba's `ema` variant (4.44 against 4.86 with its sign counts). A key is
-one a `--grid` takes. A comparison or sweep starts every optimizer from these, unless `--shared_settings` gives them
-all `--learning_rate` and `--weight_decay` alone; `--learning_rates` overrides the rates."""
+(Signum's class, whose rate is Signum's) and Simba's `ema` variant (4.42 against 4.68 with its sign counts, seed
+42). A key is one a `--grid` takes. A comparison or sweep starts every optimizer from these, unless
+`--shared_settings` gives them all `--learning_rate` and `--weight_decay` alone; `--learning_rates` overrides the
+rates."""
 
 COLLAPSE_MAXVIO = 1.0
 """A run whose MaxVio_global exceeds this is marked `collapsed`: on average over the layers, the busiest expert takes
