@@ -311,7 +311,7 @@ class VariantBalancer(LossFreeBalancer):
         super().__init__(model, follow_optimizer=True, **kwargs)
         self.options, self._smoothed = options, None
 
-    def _bias_increments(self, counts: torch.Tensor) -> torch.Tensor:
+    def _update_biases(self, counts: torch.Tensor) -> None:
         t, loads = self.steps_taken + 1, counts
         if "ema" in self.options:
             beta = float(self.options["ema"])
@@ -320,7 +320,7 @@ class VariantBalancer(LossFreeBalancer):
             loads = self._smoothed
         rate = self.update_rate / math.sqrt(t) if self.options.get("decay") == "isqrt" else self.update_rate
         rate *= min(1.0, t / float(self.options.get("warmup", 1)))
-        return bias_update(loads, self._num_targets, self.update_rule, rate)
+        self._add_to_biases(bias_update(loads, self._num_targets, self.update_rule, rate))
 
     @torch.no_grad()
     def step(self):

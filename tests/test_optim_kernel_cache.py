@@ -223,7 +223,7 @@ def test_no_private_directory_at_all_means_the_foreach_path(kernels, monkeypatch
     assert not marker.exists()
     assert warning.call_count == 1
     message = warning.call_args[0][0]
-    assert "fused CPU kernels unavailable, using the foreach path" in message
+    assert "fused CPU kernels unavailable, using torch operations instead" in message
     assert f"not using the kernel cache {kernels['cache']} because it is writable by group or others" in message
     assert f"because its parent {tmp_path / 'tmp'} is writable by group or others without the sticky bit" in message
 

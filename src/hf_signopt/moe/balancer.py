@@ -16,6 +16,7 @@ import inspect
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from ..bias_balancing import (
     validate_update_rate,
     validate_update_rule,
 )
+from ..optim import _cpu_kernels
 
 logger = logging.get_logger(__name__)
 
@@ -76,6 +78,13 @@ class _RouterCounter:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.balancer._count(self.layer, self.name, module, output)
+
+
+def _fused_kernels(device: torch.device) -> ModuleType | None:
+    """The fused C++ kernels of the balancer's count and update (`hf_signopt.optim._cpu_kernels`) where its counts
+    are on the CPU and the kernels build, else None (torch operations). On the CPU each torch operation costs a
+    dispatch and cold caches inside a training step: the kernels replace about ten of them per step with two calls."""
+    return _cpu_kernels if device.type == "cpu" and _cpu_kernels.load(required=False) is not None else None
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -380,7 +389,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         self._active_counts: torch.Tensor | None = None  # where the current forward of `model` counts
         self._token_mask: torch.Tensor | None = None  # (tokens,) int64 of the current forward, None = all
         self._routed: list[tuple[int, torch.Tensor]] = []  # (layer, top_k_index) of the current forward
-        self._layer_offsets = self._offsets(device)
+        self._layer_numbers = list(range(len(routers)))  # the layers of a usual forward, in order
         self._one = torch.ones((), dtype=torch.int64, device=device)  # expanded: the weight of each choice
         self._mask_position = self._attention_mask_position(model)
         self._warned_mask_shape = False
@@ -451,15 +460,23 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             counts = self._active_counts
         indices = [index if index.dim() == 2 else index.reshape(index.shape[0], -1) for _, index in routed]
         layers = [layer for layer, _ in routed]
-        if layers == list(range(len(self._layer_offsets))) and all(
-            i.shape == indices[0].shape and i.device == counts.device for i in indices
+        if layers == self._layer_numbers and all(
+            i.shape == indices[0].shape and i.device == counts.device and i.dtype == indices[0].dtype for i in indices
         ):  # the usual forward: each layer once, in order, on the same tokens and device
-            slots = (torch.stack(indices) + self._layer_offsets).view(-1)
-            counts.view(-1).index_add_(0, slots, self._token_weights(indices[0], 0, repeats=len(indices)))
+            kernels = _fused_kernels(counts.device)
+            if kernels is not None:
+                mask = self._mask_for(indices[0], 0)
+                bad_layer = kernels.count_choices(indices, None if mask is None else mask.to(counts.device), counts)
+                if bad_layer:
+                    raise IndexError(f"router {self._hooked[bad_layer - 1][0]} chose an expert outside "
+                                     f"[0, {counts.shape[1]})")
+            else:  # each row only takes its own layer's choices: an expert number out of range raises
+                choices = torch.stack(indices).view(len(indices), -1)
+                counts.scatter_add_(1, choices, self._token_weights(indices[0], 0, repeats=len(indices)))
         else:  # a layer routed twice or not at all, other tokens, layers on other devices: one operation per layer
             for layer, index in zip(layers, indices):
                 index = index.to(counts.device)
-                counts[layer].index_add_(0, index.reshape(-1), self._token_weights(index, layer))
+                counts[layer : layer + 1].scatter_add_(1, index.reshape(1, -1), self._token_weights(index, layer))
         if counts is self._train_counts:
             self._counted = True
 
@@ -468,26 +485,27 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         # copy's hook counts for this same balancer rather than for a copy of it and of the whole model.
         return self
 
-    def _offsets(self, device: torch.device) -> torch.Tensor:
-        """`layer * max_experts` per layer, shape `(num_layers, 1, 1)`: added to the expert numbers of every layer,
-        they give its slot in the flat counts, so that one operation counts all layers."""
-        num_layers, max_experts = self._eval_counts.shape
-        return torch.arange(num_layers, device=device).mul_(max_experts)[:, None, None]
-
-    def _token_weights(self, index: torch.Tensor, layer: int, repeats: int = 1) -> torch.Tensor:
-        """1 for each choice in `index` (tokens, k) of `layer`, 0 for a padding token's (the attention mask, where
-        it has one entry per token; otherwise padding is counted, with a warning), flattened and repeated
-        `repeats` times (for that many layers routing the same tokens); without a mask a view of one element."""
+    def _mask_for(self, index: torch.Tensor, layer: int) -> torch.Tensor | None:
+        """The attention mask of the current forward where it has one entry per token of `index` (tokens, k) of
+        `layer`, else None: no mask, or one of another length (then padding is counted, with a warning)."""
         mask = self._token_mask
-        if mask is not None and mask.numel() == index.shape[0]:
-            return mask.to(index.device)[None, :, None].expand(repeats, -1, index.shape[1]).reshape(-1)
-        if mask is not None and not self._warned_mask_shape:
+        if mask is None or mask.numel() == index.shape[0]:
+            return mask
+        if not self._warned_mask_shape:
             self._warned_mask_shape = True
             logger.warning(
                 f"router {self._hooked[layer][0]} saw {index.shape[0]} tokens but the attention mask has "
                 f"{mask.numel()} entries; counting every routed token, padding included"
             )
-        return self._one.expand(repeats * index.numel())
+        return None
+
+    def _token_weights(self, index: torch.Tensor, layer: int, repeats: int = 1) -> torch.Tensor:
+        """1 for each choice in `index` (tokens, k) of `layer`, 0 for a padding token's (see `_mask_for`), flattened,
+        in `repeats` rows (for that many layers routing the same tokens); without a mask a view of one element."""
+        mask = self._mask_for(index, layer)
+        if mask is not None:
+            return mask.to(index.device)[None, :, None].expand(repeats, -1, index.shape[1]).reshape(repeats, -1)
+        return self._one.expand(repeats, index.numel())
 
     def _move_counts(self, device: torch.device) -> None:
         training = self._active_counts is self._train_counts
@@ -497,7 +515,6 @@ class LossFreeBalancer(FollowsOptimizerSteps):
 
         self._use_count_block(moved(self._count_block))
         self._eval_counts = moved(self._eval_counts)
-        self._layer_offsets = self._offsets(device)
         self._one = torch.ones((), dtype=torch.int64, device=device)
         self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
         self._active_counts = self._train_counts if training else self._eval_counts
@@ -519,6 +536,17 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         """Experts per layer for `bias_update` and `max_violation`: an int when every layer has as many."""
         widths = self._experts_per_layer
         return widths[0] if widths.count(widths[0]) == len(widths) else self.num_experts
+
+    def _update_biases(self, counts: torch.Tensor) -> None:
+        """Move every bias by one update from `counts` (see `bias_update`): on the CPU, for the sign and linear
+        rules, float32 biases and as many experts in every layer, in one fused C++ call (bit for bit the same)."""
+        kernels = _fused_kernels(counts.device)
+        if kernels is not None and self.update_rule in kernels.FUSED_BIAS_RULES and isinstance(self._num_targets, int):
+            biases = [getattr(router, BIAS_NAME) for router in self._routers]
+            if all(b.device == counts.device and b.dtype == torch.float32 and b.is_contiguous() for b in biases):
+                kernels.bias_update(counts, biases, self.update_rule, self.update_rate)
+                return
+        self._add_to_biases(bias_update(counts, self._num_targets, self.update_rule, self.update_rate))
 
     def _add_to_biases(self, increments: torch.Tensor) -> None:
         """Add each layer's row of `increments` (float32, `(num_layers, max_experts)`) to its router's bias."""
@@ -552,7 +580,7 @@ class LossFreeBalancer(FollowsOptimizerSteps):
             self._refresh_routers()
         counts = self._train_counts
         all_reduce_counts(counts, self.process_group)
-        self._add_to_biases(self._bias_increments(counts))
+        self._update_biases(counts)
         self.steps_taken += 1
         self._counted = False
         self._next_row += 1
@@ -568,10 +596,6 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         """Count training tokens in `block`, from its row `_next_row` on (its rows as views, made once)."""
         self._count_block, self._count_rows = block, block.unbind(0)
         self._train_counts = self._count_rows[self._next_row]
-
-    def _bias_increments(self, counts: torch.Tensor) -> torch.Tensor:
-        """The increment of every bias for one update from `counts` (see `bias_update`)."""
-        return bias_update(counts, self._num_targets, self.update_rule, self.update_rate)
 
     def _fold_maxvio(self) -> None:
         """Add the MaxVio of the updates not yet folded in to the running sums, for all of them at once."""
