@@ -48,12 +48,14 @@ by `benchmarks/moe_families.py` (hidden 32, 2 layers, random weights) with `--ex
   plain (`disable_balancing`): the same weights in the same memory (ratio = plain time / balanced time, target
   >= 0.99); then a profile: the balancer's functions timed inside balanced training steps, and the tensor
   operations a balanced step adds. The balancer's cost is host work per step, not per token or per MoE layer:
-  a few small tensor operations in `step()` (the training MaxVio of `UPDATES_PER_COUNT_BLOCK` updates is
-  computed at once) and one count of every layer's choices at the end of each forward.
+  the bias update in `step()` (one fused C++ call on the CPU, a few small tensor operations with `--torch-ops`
+  or on a GPU; the training MaxVio of `UPDATES_PER_COUNT_BLOCK` updates is computed at once) and one count of
+  every layer's choices at the end of each forward.
 
     python benchmarks/moe_balance.py --families                          # about 3 minutes on 2 busy CPU cores
     python benchmarks/moe_balance.py --families --skip-throughput --bias-updates 1000 --only flex_olmo kolibri1
     python benchmarks/moe_balance.py --families --skip-balance --optimizer lion --batch-size 64
+    python benchmarks/moe_balance.py --families --skip-balance --throughput-rounds 100 --torch-ops
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ def parse_args() -> argparse.Namespace:
     )
     families.add_argument("--optimizer", choices=["sgd", "lion"], default="sgd", help="throughput table's optimizer")
     families.add_argument("--skip-balance", action="store_true", help="--families: no balance table")
+    parser.add_argument("--torch-ops", action="store_true",
+                        help="balance with torch operations, not the fused C++ count and update (as on a GPU)")
     families.add_argument("--skip-throughput", action="store_true", help="--families: no throughput tables")
     args = parser.parse_args()
     if args.throughput_steps is None:  # --families: a block holds one fold of the balancer's MaxVio (see there)
@@ -283,6 +287,8 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.torch_ops:
+        balancer_module._fused_kernels = lambda: None
     if args.families:
         families_tables(args)
         return
@@ -669,8 +675,8 @@ def throughput_family(model_type: str, args: argparse.Namespace) -> dict:
     extra = statistics.median(b - p for p, b in zip(times["plain"], times["balanced"])) / args.throughput_steps
     balancer = switch("balanced")
     profile_steps = max(20, 4 * args.throughput_steps)
-    targets = [(balancer, "_count"), (balancer, "_count_routed"), (balancer, "step")]
-    targets += [(balancer_module, name) for name in ("find_routers", "bias_update", "max_violation")]
+    targets = [(balancer, name) for name in ("_count", "_count_routed", "step", "_update_biases")]
+    targets += [(balancer_module, name) for name in ("find_routers", "max_violation")]
     with timed_calls(targets) as (seconds, calls):
         profiled = train_steps(model, optimizer, inputs, profile_steps)
     if calls["step"] != profile_steps:
@@ -739,22 +745,23 @@ def throughput_table_families(args: argparse.Namespace) -> None:
           "(`_count`, one call per MoE layer, and `_count_routed`, one per forward), `step()` (the bias update "
           "the optimizer step triggers) and, inside "
           "it, `find_routers` (the traversal of every module that `_refresh_routers` makes after PEFT moved the "
-          "routing to router copies), `bias_update`, `max_violation` (the training MaxVio, for "
-          f"{UPDATES_PER_COUNT_BLOCK} updates at once) and the rest (the biases' `_foreach_add_`, the next row of "
+          "routing to router copies), `_update_biases` (the fused C++ update on the CPU, else `bias_update` and "
+          "the biases' `_foreach_add_`), `max_violation` (the training MaxVio, for "
+          f"{UPDATES_PER_COUNT_BLOCK} updates at once) and the rest (the count reduction, the next row of "
           "counts); against the measured extra time (median over the rounds of balanced - plain block time, per "
           "step); and the tensor operations the balanced step adds (counted over a block of "
           f"{UPDATES_PER_COUNT_BLOCK} steps, balanced minus plain: what the host cost is made of, on any machine)\n")
     print("| family | plain step ms | balanced step ms | measured extra us | counting us | step() us | find_routers us "
-          "| bias_update us | max_violation us | rest of step() us | counting + step() % of the step "
+          "| _update_biases us | max_violation us | rest of step() us | counting + step() % of the step "
           "| tensor ops added per step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         us, plain_ms, balanced_ms = collections.Counter(r["us"]), r["step_ms"]["plain"], r["step_ms"]["balanced"]
-        rest = us["step"] - us["find_routers"] - us["bias_update"] - us["max_violation"]
+        rest = us["step"] - us["find_routers"] - us["_update_biases"] - us["max_violation"]
         counting = us["_count"] + us["_count_routed"]
         share = 100 * (counting + us["step"]) / (1e3 * r["profiled_ms"])
         print(f"| {r['family']} | {plain_ms:.2f} | {balanced_ms:.2f} | {r['extra_us']:.0f} "
-              f"| {counting:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['bias_update']:.0f} "
+              f"| {counting:.0f} | {us['step']:.0f} | {us['find_routers']:.0f} | {us['_update_biases']:.0f} "
               f"| {us['max_violation']:.0f} | {rest:.0f} | {share:.1f} | {r['extra_ops']:.1f} |")
     slow = [r for r in results if round(r["median"], 3) < 0.99]
     if slow:

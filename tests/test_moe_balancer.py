@@ -1,7 +1,7 @@
 """LossFreeBalancer: token counting, update rules, MaxVio, gradient checkpointing, misuse.
 
-Every test runs twice: with the fused C++ count and update (the CPU default where a compiler is found) and with
-the torch operations used elsewhere (GPUs, or no compiler).
+Every test runs twice: with the fused C++ bias update (the CPU default where a compiler is found) and with the
+torch operations used elsewhere (GPUs, or no compiler).
 """
 
 import math
@@ -26,9 +26,9 @@ U = 0.001
     "torch",
 ])
 def balancer_path(request, monkeypatch):
-    """Which implementation counts and updates: the fused C++ kernels, or torch operations."""
+    """Which implementation updates the biases: the fused C++ kernel, or torch operations."""
     if request.param == "torch":
-        monkeypatch.setattr(balancer_module, "_fused_kernels", lambda device: None)
+        monkeypatch.setattr(balancer_module, "_fused_kernels", lambda: None)
     return request.param
 
 
@@ -393,20 +393,18 @@ def _ops_per_training_step(layers, balanced):
 def test_balancing_adds_a_few_tensor_operations_per_step_whatever_the_depth(balancer_path):
     # The balancer's cost is host work per tensor operation: a fixed handful per training step (counting all
     # layers at once at the end of the forward, one bias update for all routers), not a handful per MoE layer.
-    # The fused kernels count and update outside torch's dispatcher: what is left is the training MaxVio that
-    # the balancer computes once per block of updates (about 14 operations per block).
+    # The fused update is one call outside torch's dispatcher instead of 7 operations: what is left is the count
+    # (4) and the share of the training MaxVio that the balancer computes once per block of updates (1).
     extra = {layers: _ops_per_training_step(layers, True) - _ops_per_training_step(layers, False) for layers in (2, 6)}
-    assert extra[2] == extra[6] and 0 < extra[2] < (1 if balancer_path == "fused" else 13), extra
+    assert extra[2] == extra[6] and 0 < extra[2] < (6 if balancer_path == "fused" else 13), extra
 
 
-def test_a_choice_out_of_range_is_an_error_not_another_layers_count(balancer_path):
+def test_a_choice_out_of_range_is_an_error_not_another_layers_count():
     model = ScriptedMoe()  # no weight to probe: the forward checks the choices
     balancer = LossFreeBalancer(model)
     choices = choices_from_loads([[1, 1, 1, 1], [1, 1, 1, 1]])
     choices[0, 0, 0, 0] = 5  # layer 0 chose expert 5 of 4 (a slot of layer 1's in one flat count)
-    error = (IndexError, r"router routers.0 chose an expert outside \[0, 4\)") if balancer_path == "fused" else (
-        RuntimeError, "out of bounds")
-    with pytest.raises(error[0], match=error[1]):
+    with pytest.raises(RuntimeError, match="out of bounds"):
         model(choices)
     assert balancer.tokens_per_expert.sum() == 0  # nothing counted
 

@@ -27,9 +27,10 @@ UPDATE_RULES = ("sign", "rms", "linear")
 DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 
-# Balancers updated after every optimizer step that holds their parameters, each with its cache of those optimizers:
-# optimizer -> (number of param groups, holds a followed parameter). Weak both ways, so that it keeps nothing alive.
-_FOLLOWING: weakref.WeakKeyDictionary[FollowsOptimizerSteps, weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+# Balancers updated after every optimizer step that holds their parameters: `id(balancer)` -> (a weak reference to
+# it, its cache of those optimizers: optimizer -> (number of param groups, holds a followed parameter)). Weak both
+# ways, so that it keeps nothing alive; a plain dict, which the hook after every optimizer step reads fastest.
+_FOLLOWING: dict[int, tuple[weakref.ref, weakref.WeakKeyDictionary]] = {}
 _optimizer_hook: torch.utils.hooks.RemovableHandle | None = None
 
 
@@ -194,12 +195,14 @@ class FollowsOptimizerSteps:
     def _follow_optimizer_steps(self, follow: bool) -> None:
         """Start (`True`) or stop (`False`) updating after every optimizer step that trains the followed parameters."""
         global _optimizer_hook
+        key = id(self)
         if not follow:
-            _FOLLOWING.pop(self, None)
+            _FOLLOWING.pop(key, None)
             return
         if _optimizer_hook is None:
             _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
-        _FOLLOWING.setdefault(self, weakref.WeakKeyDictionary())
+        if key not in _FOLLOWING:  # the entry leaves with the balancer
+            _FOLLOWING[key] = (weakref.ref(self, lambda _: _FOLLOWING.pop(key, None)), weakref.WeakKeyDictionary())
 
     def _is_trained_by(self, optimizer: torch.optim.Optimizer, cache: weakref.WeakKeyDictionary) -> bool:
         """Whether `optimizer` holds a followed parameter (cached per optimizer and number of param groups)."""
@@ -220,6 +223,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs:
     """
     if torch.compiler.is_compiling():
         return
-    for balancer, cache in list(_FOLLOWING.items()):
-        if balancer._counted and balancer._is_trained_by(optimizer, cache):
+    for reference, cache in list(_FOLLOWING.values()):
+        balancer = reference()
+        if balancer is not None and balancer._counted and balancer._is_trained_by(optimizer, cache):
             balancer.step()

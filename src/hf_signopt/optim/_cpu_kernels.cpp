@@ -434,47 +434,9 @@ HFSO_EXPORT_SIMBA_KERNEL(float32_int16, F32, int16_t)
 HFSO_EXPORT_SIMBA_KERNEL(bfloat16_int8, BF16, int8_t)
 HFSO_EXPORT_SIMBA_KERNEL(bfloat16_int16, BF16, int16_t)
 
-// ---- Loss-free MoE balancing (hf_signopt/moe/balancer.py): one call per forward, one per bias update ----
-// The counts and biases are a few hundred numbers: these loops are tiny, and exist to replace ten small torch
-// operations (each a dispatch and a few cache misses on CPU) with two calls.
-
-namespace {
-
-// counts[l * stride + e] += w for every choice e of layer l, w = 1 or the token's attention-mask value.
-// Checks every choice first, so that a bad one leaves the counts unchanged. Returns 0, or 1 + the first layer
-// that chose an expert outside [0, stride).
-template <class Index>
-int64_t count_choices(int64_t layers, const void* const* indices, int64_t tokens, int64_t k, const int64_t* mask,
-                      int64_t stride, int64_t* counts) {
-    for (int64_t l = 0; l < layers; ++l) {
-        const Index* index = static_cast<const Index*>(indices[l]);
-        for (int64_t i = 0; i < tokens * k; ++i)
-            if (index[i] < 0 || index[i] >= stride) return l + 1;
-    }
-    for (int64_t l = 0; l < layers; ++l) {
-        const Index* index = static_cast<const Index*>(indices[l]);
-        int64_t* row = counts + l * stride;
-        if (mask == nullptr) {
-            for (int64_t i = 0; i < tokens * k; ++i) row[index[i]] += 1;
-        } else {
-            for (int64_t t = 0; t < tokens; ++t)
-                for (int64_t j = 0; j < k; ++j) row[index[t * k + j]] += mask[t];
-        }
-    }
-    return 0;
-}
-
-}  // namespace
-
-extern "C" int64_t hfso_count_choices_int64(int64_t layers, const void* const* indices, int64_t tokens, int64_t k,
-                                            const int64_t* mask, int64_t stride, int64_t* counts) {
-    return count_choices<int64_t>(layers, indices, tokens, k, mask, stride, counts);
-}
-
-extern "C" int64_t hfso_count_choices_int32(int64_t layers, const void* const* indices, int64_t tokens, int64_t k,
-                                            const int64_t* mask, int64_t stride, int64_t* counts) {
-    return count_choices<int32_t>(layers, indices, tokens, k, mask, stride, counts);
-}
+// ---- Loss-free MoE balancing (hf_signopt/moe/balancer.py): one call per bias update ----
+// The counts and biases are a few hundred numbers: the loop is tiny, and exists to replace seven small torch operations
+// (each a dispatch and a few cache misses on the CPU, inside a training step) with one call.
 
 // The "sign" (rule 0) and "linear" (rule 1) increments of `bias_update` (hf_signopt/bias_balancing.py) for rows of
 // `experts` int64 counts, added to each layer's float32 bias. The arithmetic is torch's, rounding for rounding:

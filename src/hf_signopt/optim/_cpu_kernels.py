@@ -1,5 +1,5 @@
 """Build, cache and call the fused C++ CPU kernels (`_cpu_kernels.cpp`): the sign optimizers' steps, and the MoE
-balancer's count of the routers' choices and its bias update.
+balancer's bias update.
 
 The kernels are plain C-ABI functions compiled with the system C++ compiler (``$CXX`` or ``c++``)
 on first use, with OpenMP and the CPU's vector extensions, and cached as a shared library under
@@ -53,7 +53,6 @@ SOURCE = Path(__file__).with_name("_cpu_kernels.cpp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_SUFFIX = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _INT_SUFFIX = {torch.int8: "int8", torch.int16: "int16"}
-_INDEX_SUFFIX = {torch.int64: "int64", torch.int32: "int32"}
 FUSED_BIAS_RULES = {"sign": 0, "linear": 1}  # the update rules the fused bias update computes: their kernel codes
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH  # a POSIX ACL granting write shows in S_IWGRP
 
@@ -267,11 +266,8 @@ def _declare(library: ctypes.CDLL) -> None:
             getattr(library, f"hfso_simba_{suffix}_{int_suffix}").argtypes = [
                 i64, ptrs, ptrs, ptrs, ptrs, i64p, f32, f32, i32, i32, f32, i64p
             ]
-    vp = ctypes.c_void_p  # the balancer's kernels take raw addresses (ints), the cheapest for ctypes to pass
-    for suffix in _INDEX_SUFFIX.values():
-        kernel = getattr(library, f"hfso_count_choices_{suffix}")
-        kernel.argtypes, kernel.restype = [i64, ptrs, i64, i64, vp, i64, vp], i64
-    library.hfso_bias_update_float32.argtypes = [i64, i64, vp, ptrs, i32, f32]
+    # the balancer's update takes its counts as a raw address (an int), the cheapest for ctypes to pass
+    library.hfso_bias_update_float32.argtypes = [i64, i64, ctypes.c_void_p, ptrs, i32, f32]
 
 
 def load(required: bool) -> ctypes.CDLL | None:
@@ -369,26 +365,6 @@ def simba(params, grads, sign_counts, exp_avgs=(), *, lr, window_size, threshold
            _pointers(exp_avgs) if exp_avgs else None, _numels(params), lr, 1.0 - lr * weight_decay,
            int(window_size * threshold), window_size, beta, _counter(nonfinite_count))
     _written(params, sign_counts, exp_avgs)
-
-
-def count_choices(indices: list[torch.Tensor], mask: torch.Tensor | None, counts: torch.Tensor) -> int:
-    """Add the experts each of `len(indices)` MoE layers chose for the same tokens to the counts, in one call.
-
-    Args:
-        indices: Per layer, the `(tokens, k)` expert numbers its router chose, all of one dtype (int64 or int32),
-            on the CPU.
-        mask: int64 `(tokens,)`: each token's choices count this much (the attention mask: 0 for padding); None: 1.
-        counts: Contiguous int64 `(layers, width)`: row `l` receives layer `l`'s choices.
-
-    Returns:
-        0, or 1 + the first layer that chose an expert outside `[0, width)`; then nothing is counted.
-    """
-    indices = [index.contiguous() for index in indices]
-    tokens, k = indices[0].shape
-    weights = None if mask is None else mask.contiguous()  # held until the call returns
-    kernel = getattr(load(required=True), f"hfso_count_choices_{_INDEX_SUFFIX[indices[0].dtype]}")
-    return kernel(len(indices), _pointers(indices), tokens, k, None if weights is None else weights.data_ptr(),
-                  counts.shape[1], counts.data_ptr())
 
 
 def bias_update(counts: torch.Tensor, biases: list[torch.Tensor], rule: str, rate: float) -> None:
