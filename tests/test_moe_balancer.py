@@ -4,7 +4,9 @@ Every test runs twice: with the fused C++ bias update (the CPU default where a c
 torch operations used elsewhere (GPUs, or no compiler).
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -490,3 +492,17 @@ def test_sign_rule_cycles_where_its_step_exceeds_the_score_gaps_and_linear_rule_
     assert sign[0] == linear[0] > 2.0  # same skewed start
     assert min(sign[-20:]) > 0.5
     assert max(linear[-20:]) < 0.05
+
+
+def test_a_collected_or_removed_balancer_leaves_the_optimizer_step_registry():
+    registry = hf_signopt.bias_balancing._FOLLOWING
+    before = set(registry)
+    model = tiny_lossfree(router_bias_update_rate=0.01)
+    balancer = weakref.ref(attached_balancer(model))
+    assert len(set(registry) - before) == 1
+    del model
+    gc.collect()
+    assert balancer() is None and set(registry) == before
+    model = tiny_lossfree(router_bias_update_rate=0.01)
+    hf_signopt.disable_balancing(model)
+    assert set(registry) == before

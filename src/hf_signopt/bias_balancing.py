@@ -13,6 +13,7 @@ optimizer step (torch's global optimizer step post-hook).
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Iterable
@@ -201,8 +202,9 @@ class FollowsOptimizerSteps:
             return
         if _optimizer_hook is None:
             _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
-        if key not in _FOLLOWING:  # the entry leaves with the balancer
-            _FOLLOWING[key] = (weakref.ref(self, lambda _: _FOLLOWING.pop(key, None)), weakref.WeakKeyDictionary())
+        if key not in _FOLLOWING:  # the entry leaves with the balancer (the callback holds the dict, not its name)
+            forget = functools.partial(_forget_balancer, _FOLLOWING, key)
+            _FOLLOWING[key] = (weakref.ref(self, forget), weakref.WeakKeyDictionary())
 
     def _is_trained_by(self, optimizer: torch.optim.Optimizer, cache: weakref.WeakKeyDictionary) -> bool:
         """Whether `optimizer` holds a followed parameter (cached per optimizer and number of param groups)."""
@@ -213,6 +215,12 @@ class FollowsOptimizerSteps:
             cached = (len(optimizer.param_groups), held)
             cache[optimizer] = cached
         return cached[1]
+
+
+def _forget_balancer(registry: dict, key: int, reference: weakref.ref) -> None:
+    """Weak-reference callback: drop a collected balancer's entry from `registry`, if it is still the one there."""
+    if registry.get(key, (None,))[0] is reference:
+        del registry[key]
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
