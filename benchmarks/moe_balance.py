@@ -123,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--throughput-steps", type=int, default=None,
                         help=f"steps per timed block (5; --families: {UPDATES_PER_COUNT_BLOCK})")
     parser.add_argument(
-        "--throughput-rounds", type=int, default=None, help="interleaved timed blocks per model (20; --families: 30)"
+        "--throughput-rounds", type=int, default=None, help="interleaved timed blocks per model (20; --families: 100)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the throughput and --families parts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the quality table")
@@ -158,7 +158,7 @@ def parse_args() -> argparse.Namespace:
     if args.throughput_steps is None:  # --families: a block holds one fold of the balancer's MaxVio (see there)
         args.throughput_steps = UPDATES_PER_COUNT_BLOCK if args.families else 5
     if args.throughput_rounds is None:
-        args.throughput_rounds = 30 if args.families else 20
+        args.throughput_rounds = 100 if args.families else 20
     for name in ("steps", "batch_size", "seq_len", "eval_windows", "throughput_steps", "throughput_rounds",
                  "bias_updates", "experts", "family_batch_size", "family_seq_len"):
         if getattr(args, name) < 1:
