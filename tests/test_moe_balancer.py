@@ -101,6 +101,19 @@ def test_sign_rule_moves_every_bias_by_exactly_u():
         assert torch.equal(bias, torch.tensor(expected, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("rule", ["rms", "sign"])
+def test_a_rule_set_after_the_balancer_was_built_is_the_one_applied(rule):
+    model = ScriptedMoe()
+    balancer = LossFreeBalancer(model, update_rate=U, update_rule="linear")
+    balancer.update_rule = rule
+    loads = [[5, 1, 3, 3], [0, 4, 4, 4]]
+    model(choices_from_loads(loads)).backward()
+    counts = balancer.tokens_per_expert
+    balancer.step()
+    expected = hf_signopt.bias_balancing.bias_update(counts, 4, rule, U)
+    assert all(torch.equal(b, e) for b, e in zip(biases(model), expected))
+
+
 def test_counts_accumulate_over_micro_batches_until_step():
     model = ScriptedMoe()
     balancer = LossFreeBalancer(model)

@@ -376,8 +376,6 @@ class LossFreeBalancer(FollowsOptimizerSteps):
         device = biases[0].device
         self._experts_per_layer = [b.numel() for b in biases]
         self.num_experts = torch.tensor(self._experts_per_layer, dtype=torch.int64, device=device)
-        # A rule the fused CPU update computes, as many experts in every layer (`_update_biases`).
-        self._fusable_update = self.update_rule in _cpu_kernels.FUSED_BIAS_RULES and isinstance(self._num_targets, int)
         modules = dict(model.named_modules())
         self._hooked = [_choosing_module(name, holder, modules) for name, holder in routers]
         for (counter_name, counter), (_, holder), experts in zip(self._hooked, routers, self._experts_per_layer):
@@ -528,7 +526,8 @@ class LossFreeBalancer(FollowsOptimizerSteps):
     def _update_biases(self, counts: torch.Tensor) -> None:
         """Move every bias by one update from `counts` (see `bias_update`): on the CPU, for the sign and linear
         rules, float32 biases and as many experts in every layer, in one fused C++ call (bit for bit the same)."""
-        if self._fusable_update and counts.is_cpu and (kernels := _fused_kernels()) is not None:
+        fusable = self.update_rule in _cpu_kernels.FUSED_BIAS_RULES and isinstance(self._num_targets, int)
+        if fusable and counts.is_cpu and (kernels := _fused_kernels()) is not None:
             biases = [getattr(router, BIAS_NAME) for router in self._routers]
             if all(b.is_cpu and b.dtype == torch.float32 and b.is_contiguous() for b in biases):
                 kernels.bias_update(counts, biases, self.update_rule, self.update_rate)
