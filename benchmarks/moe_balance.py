@@ -152,7 +152,7 @@ def parse_args() -> argparse.Namespace:
     families.add_argument("--optimizer", choices=["sgd", "lion"], default="sgd", help="throughput table's optimizer")
     families.add_argument("--skip-balance", action="store_true", help="--families: no balance table")
     parser.add_argument("--torch-ops", action="store_true",
-                        help="balance with torch operations, not the fused C++ count and update (as on a GPU)")
+                        help="update the biases with torch operations, not the fused C++ call (as on a GPU)")
     families.add_argument("--skip-throughput", action="store_true", help="--families: no throughput tables")
     args = parser.parse_args()
     if args.throughput_steps is None:  # --families: a block holds one fold of the balancer's MaxVio (see there)
